@@ -1,0 +1,23 @@
+"""`python -m agents run --run-dir DIR --fragment N --connect tcp://127.0.0.1:PORT`"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m agents", description="Run one fragment agent.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="stream one fragment to a coordinator")
+    run.add_argument("--run-dir", required=True, help="the run directory holding plan.json")
+    run.add_argument("--fragment", type=int, required=True, help="fragment index in the plan")
+    run.add_argument("--connect", required=True, help="coordinator endpoint, e.g. tcp://127.0.0.1:5555")
+    args = parser.parse_args(argv)
+    from agents.agent import main_agent
+
+    return main_agent(args.run_dir, args.fragment, args.connect)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,180 @@
+"""One fragment agent: streams its own layer range to the coordinator.
+
+Startup stays light (no torch): the agent parses its tensors' locations, memory-maps the
+source read-only and sends pieces straight from the map (zero-copy) as the coordinator's
+credit allows. The coordinator says which pieces it still wants, so a respawned agent
+resumes where a dead one stopped.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+import zmq
+
+from agents.eventlog import log_start, open_event_log
+from agents.source import SourceCheckpoint
+from protocol.errors import ProtocolError
+from protocol.messages import decode_from_coordinator, encode, expand_want
+from protocol.plan import Fragment, Plan
+from protocol.version import PROTOCOL_VERSION
+from sandbox import Sandbox
+
+EXIT_COMMITTED = 0
+EXIT_BAD_SETUP = 2
+EXIT_NO_WELCOME = 3
+EXIT_REJECTED = 4
+EXIT_COORDINATOR_LOST = 5
+
+HEARTBEAT_S = 0.5
+WELCOME_TIMEOUT_S = 30.0
+COORDINATOR_DEAD_S = 10.0
+
+
+class SourceMismatch(ValueError):
+    pass
+
+
+def check_source(fragment: Fragment, source: SourceCheckpoint) -> None:
+    """The plan is the contract: refuse to stream bytes the plan does not describe."""
+    for item in fragment.items:
+        if item.kind == "file":
+            size = (source.directory / item.source_file).stat().st_size
+            if size != item.nbytes:
+                raise SourceMismatch(f"file {item.name}: {size} bytes in the source, expected {item.nbytes} from the plan")
+            continue
+        loc = source.tensors.get(item.name)
+        if loc is None:
+            raise SourceMismatch(f"tensor {item.name}: absent from the source {source.directory}, expected by the plan")
+        if (loc.file, loc.offset, loc.nbytes, loc.dtype, loc.shape) != (
+                item.source_file, item.source_offset, item.nbytes, item.dtype, item.shape):
+            raise SourceMismatch(f"tensor {item.name}: source has {loc}, the plan expects {item}")
+
+
+class Agent:
+    def __init__(self, run_dir: Path, fragment_index: int, endpoint: str, *, log: Any,
+                 heartbeat_s: float = HEARTBEAT_S, coordinator_dead_s: float = COORDINATOR_DEAD_S) -> None:
+        self.plan = Plan.loads((run_dir / "plan.json").read_bytes())
+        if not 0 <= fragment_index < len(self.plan.fragments):
+            raise ValueError(f"--fragment {fragment_index}: expected 0..{len(self.plan.fragments) - 1}")
+        self.fragment = self.plan.fragments[fragment_index]
+        self.endpoint = endpoint
+        self.log = log
+        self.heartbeat_s = heartbeat_s
+        self.coordinator_dead_s = coordinator_dead_s
+        self.source = SourceCheckpoint(self.plan.model["source_dir"])
+        check_source(self.fragment, self.source)
+        self.sent_bytes = 0
+        self.sent_pieces = 0
+
+    def _payload(self, item_index: int, piece: int) -> memoryview:
+        item = self.fragment.items[item_index]
+        start, length = item.piece_span(piece, self.plan.piece_size)
+        return self.source.view(item.source_file, item.source_offset + start, length)
+
+    def run(self) -> int:
+        ctx = zmq.Context.instance()
+        sock = ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 2000)
+        sock.connect(self.endpoint)
+        try:
+            return self._session(sock)
+        finally:
+            sock.close()
+            self.source.close()
+
+    def _session(self, sock: zmq.Socket) -> int:
+        f = self.fragment
+        sock.send_multipart(encode("HELLO", {
+            "v": PROTOCOL_VERSION, "run": self.plan.run_id, "plan": self.plan.digest, "fragment": f.index,
+            "first_layer": f.first_layer, "last_layer": f.last_layer, "pid": os.getpid()}))
+        self.log.info("agent.hello", endpoint=self.endpoint, layers=f.label, nbytes=f.nbytes)
+        welcome = self._await_welcome(sock)
+        if isinstance(welcome, int):
+            return welcome
+        queue: deque[tuple[int, int]] = deque(expand_want(welcome.header["want"]))
+        credit = welcome.header["credit"]
+        self.log.info("agent.welcome", pieces_wanted=len(queue), pieces_total=f.num_pieces, credit=credit)
+        started = last_send = last_recv = time.monotonic()
+        while True:
+            while credit > 0 and queue:
+                item, piece = queue.popleft()
+                payload = self._payload(item, piece)
+                sock.send_multipart(encode("CHUNK", {"item": item, "piece": piece}, payload), copy=False)
+                credit -= 1
+                self.sent_bytes += payload.nbytes
+                self.sent_pieces += 1
+                last_send = time.monotonic()
+            wait = max(0.0, self.heartbeat_s - (time.monotonic() - last_send))
+            if sock.poll(int(wait * 1000) + 1, zmq.POLLIN):
+                while sock.poll(0, zmq.POLLIN):
+                    try:
+                        msg = decode_from_coordinator(sock.recv_multipart())
+                    except ProtocolError as exc:
+                        self.log.warning("agent.bad_message", **exc.as_dict())
+                        continue
+                    last_recv = time.monotonic()
+                    if msg.kind == "CREDIT":
+                        credit += msg.header["n"]
+                    elif msg.kind == "WANT":
+                        again = expand_want(msg.header["want"])
+                        queue.extend(again)
+                        self.log.info("agent.want", pieces=len(again))
+                    elif msg.kind == "REJECT":
+                        self.log.warning("agent.rejected", **msg.header)
+                        if msg.header["fatal"]:
+                            return EXIT_REJECTED
+                    elif msg.kind == "COMMITTED":
+                        seconds = time.monotonic() - started
+                        self.log.info("agent.committed", sent_bytes=self.sent_bytes, sent_pieces=self.sent_pieces,
+                                      seconds=round(seconds, 6))
+                        sock.send_multipart(encode("BYE", {}))
+                        return EXIT_COMMITTED
+            now = time.monotonic()
+            if now - last_send >= self.heartbeat_s:
+                sock.send_multipart(encode("HEARTBEAT", {}))
+                last_send = now
+            if now - last_recv > self.coordinator_dead_s:
+                self.log.error("agent.coordinator_lost", silent_s=round(now - last_recv, 3))
+                return EXIT_COORDINATOR_LOST
+
+    def _await_welcome(self, sock: zmq.Socket):
+        deadline = time.monotonic() + WELCOME_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if not sock.poll(int(self.heartbeat_s * 1000), zmq.POLLIN):
+                continue
+            try:
+                msg = decode_from_coordinator(sock.recv_multipart())
+            except ProtocolError as exc:
+                self.log.warning("agent.bad_message", **exc.as_dict())
+                continue
+            if msg.kind == "WELCOME":
+                return msg
+            if msg.kind == "REJECT":
+                self.log.error("agent.rejected", **msg.header)
+                return EXIT_REJECTED
+        self.log.error("agent.no_welcome", waited_s=WELCOME_TIMEOUT_S)
+        return EXIT_NO_WELCOME
+
+
+def main_agent(run_dir: str, fragment: int, endpoint: str) -> int:
+    root = Path(run_dir).resolve()
+    box = Sandbox(root)
+    box.mkdir("logs")
+    stream = box.open_append(f"logs/agent_{fragment:02d}.jsonl")
+    plan_run = Plan.loads((root / "plan.json").read_bytes()).run_id
+    log = open_event_log(stream, run_id=plan_run, role="agent", fragment=fragment)
+    log_start(log, pid=os.getpid(), endpoint=endpoint)
+    try:
+        agent = Agent(root, fragment, endpoint, log=log)
+    except (ValueError, OSError) as exc:
+        log.error("agent.setup_failed", error=str(exc))
+        print(f"agent {fragment}: {exc}", flush=True)
+        return EXIT_BAD_SETUP
+    code = agent.run()
+    log.info("process.exit", code=code)
+    return code

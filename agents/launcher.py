@@ -1,0 +1,74 @@
+"""Spawn agent processes in a chosen order; the fault injector of later runs kills them here."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from protocol.errors import PlanError
+from sandbox import Sandbox
+
+ORDER_HELP = "random (seeded shuffle), forward, reverse, or an explicit permutation such as 2,0,3,1"
+
+
+def launch_order(spec: str, fragments: int, seed: int) -> list[int]:
+    if spec == "forward":
+        return list(range(fragments))
+    if spec == "reverse":
+        return list(reversed(range(fragments)))
+    if spec == "random":
+        order = list(range(fragments))
+        random.Random(seed).shuffle(order)
+        return order
+    try:
+        order = [int(x) for x in spec.split(",")]
+    except ValueError:
+        raise PlanError("--order", spec, ORDER_HELP) from None
+    if sorted(order) != list(range(fragments)):
+        raise PlanError("--order", spec, f"a permutation of 0..{fragments - 1} (each fragment once)")
+    return order
+
+
+class AgentLauncher:
+    def __init__(self, run_dir: Path, endpoint: str, *, python: str = sys.executable) -> None:
+        self.run_dir = run_dir
+        self.box = Sandbox(run_dir)
+        self.endpoint = endpoint
+        self.python = python
+        self.procs: dict[int, subprocess.Popen] = {}
+        self.attempts: dict[int, int] = {}
+
+    def spawn(self, fragment: int) -> subprocess.Popen:
+        self.attempts[fragment] = self.attempts.get(fragment, 0) + 1
+        stderr = self.box.open_append(f"logs/agent_{fragment:02d}.stderr")
+        proc = subprocess.Popen(
+            [self.python, "-m", "agents", "run", "--run-dir", str(self.run_dir), "--fragment", str(fragment),
+             "--connect", self.endpoint],
+            stdin=subprocess.DEVNULL, stdout=stderr, stderr=stderr, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+        stderr.close()
+        self.procs[fragment] = proc
+        return proc
+
+    def kill(self, fragment: int) -> None:
+        proc = self.procs.get(fragment)
+        if proc is not None and proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+
+    def exited(self, fragment: int) -> int | None:
+        proc = self.procs.get(fragment)
+        return None if proc is None else proc.poll()
+
+    def stop_all(self, timeout: float = 5.0) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                try:
+                    proc.wait(timeout)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()

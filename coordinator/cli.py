@@ -1,0 +1,93 @@
+"""The `fragsim` command."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+# Nothing may be fetched from a model hub at run time.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _simulate_parser(sub: argparse._SubParsersAction) -> None:
+    from agents.launcher import ORDER_HELP
+
+    p = sub.add_parser("simulate", help="run agents and a coordinator end to end")
+    p.add_argument("--model", help="a local Hugging Face Llama-family checkpoint dir with safetensors "
+                                   "(default: the embedded SmolLM2-135M-Instruct, prepared once)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="dtype of the default model")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--fragments", type=int, default=4, help="split the layers into N even ranges (default 4)")
+    group.add_argument("--ranges", help="explicit ranges, e.g. 0-7,8-15,16-22,23-29")
+    p.add_argument("--order", default="random", help=ORDER_HELP)
+    p.add_argument("--seed", type=int, default=0, help="seed of the random order (default 0)")
+    p.add_argument("--stagger", type=float, default=0.0, help="seconds to wait after a commit before the next agent")
+    p.add_argument("--parallel", action="store_true", help="start every agent at once (arrival order then races)")
+    p.add_argument("--prompt", default="The capital of France is")
+    p.add_argument("--max-new-tokens", type=int, default=24)
+    p.add_argument("--threads", type=int, default=2, help="torch threads in baseline and coordinator (must match)")
+    p.add_argument("--run-dir", help="run directory (default artifacts/runs/<run id>)")
+    p.add_argument("--artifacts", default="artifacts", help="artifacts root (default ./artifacts)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="fragsim", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("prepare", help="convert a model into a safetensors source checkpoint under artifacts/source/")
+    p.add_argument("--model", help="a local Hugging Face checkpoint dir (default: the embedded SmolLM2 GGUF)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--artifacts", default="artifacts")
+    p.add_argument("--force", action="store_true", help="rebuild even if already prepared")
+
+    _simulate_parser(sub)
+
+    p = sub.add_parser("serve", help="run the coordinator for an existing run directory (started by simulate)")
+    p.add_argument("--run-dir", required=True)
+    p.add_argument("--bind", default="tcp://127.0.0.1:0", help="endpoint to bind (default loopback, free port)")
+    p.add_argument("--control-stdin", action="store_true", help="read launcher control lines on stdin")
+
+    p = sub.add_parser("agent", help="run one fragment agent (same as python -m agents run)")
+    p.add_argument("--run-dir", required=True)
+    p.add_argument("--fragment", type=int, required=True)
+    p.add_argument("--connect", required=True)
+
+    args = parser.parse_args(argv)
+    from protocol.errors import PlanError
+
+    try:
+        if args.command == "prepare":
+            from coordinator.prepare import prepare_default, prepare_model_dir
+
+            artifacts = Path(args.artifacts)
+            if args.model:
+                out = prepare_model_dir(Path(args.model), artifacts, args.dtype, force=args.force)
+            else:
+                out = prepare_default(artifacts, args.dtype, force=args.force)
+            print(out)
+            return 0
+        if args.command == "simulate":
+            from coordinator.simulate import SimulateOptions, run_simulation
+
+            opts = SimulateOptions(**{k: v for k, v in vars(args).items() if k != "command"})
+            return run_simulation(opts)
+        if args.command == "serve":
+            from coordinator.server import serve
+
+            return serve(args.run_dir, args.bind, args.control_stdin)
+        if args.command == "agent":
+            from agents.agent import main_agent
+
+            return main_agent(args.run_dir, args.fragment, args.connect)
+    except (PlanError, FileNotFoundError) as exc:
+        print(f"fragsim {args.command}: {exc}", file=sys.stderr)
+        return 2
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

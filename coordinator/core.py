@@ -1,0 +1,373 @@
+"""The coordinator's rules, sans-IO: `Core.handle(event) -> [action, ...]`.
+
+No sockets, clocks or files in here. The server loop feeds events (with its own clock
+in `t`) and carries out the actions; a replay feeds logged events to a fresh Core and
+must get the same actions back. Anything a peer says is checked against the plan here,
+because only the plan is trusted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from coordinator.events import (
+    AgentDead, AgentExited, Arrival, Ban, Bye, Chunk, EndOfAgents, Finish, Forget, Heartbeat, Hello, Malformed,
+    Promote, Reassemble, Restored, Send, Tick, Verified, Verify, Write,
+)
+from protocol.messages import want_ranges
+from protocol.plan import Plan
+from protocol.version import PROTOCOL_VERSION
+
+WAITING, LIVE, VERIFYING, COMMITTED = "waiting", "live", "verifying", "committed"
+
+
+@dataclass(frozen=True)
+class CoreSettings:
+    credit: int = 4  # pieces in flight per agent (ZeroMQ Guide ch. 7 credit-based flow control)
+    heartbeat_ms: int = 500
+    dead_after_s: float = 3.0  # a few missed heartbeats (Paranoid Pirate)
+    max_strikes: int = 16  # rejected messages before a peer is banned
+
+
+@dataclass
+class FragmentState:
+    status: str = WAITING
+    peer: str | None = None
+    have: list[bytearray] = field(default_factory=list)
+    missing: int = 0
+    received_bytes: int = 0  # verified bytes held (kept across agent deaths)
+    duplicate_bytes: int = 0
+    resent_bytes: int = 0  # bytes that arrived again after an earlier attempt (wasted by a fault)
+    rejected_chunks: int = 0
+    attempts: int = 0
+    first_chunk_t: float | None = None
+    last_chunk_t: float | None = None
+    hello_t: float | None = None
+    committed_t: float | None = None
+    deaths: int = 0
+    lost_s: float = 0.0  # time between an agent's death and the next HELLO for the fragment
+    dead_t: float | None = None
+
+
+@dataclass
+class PeerState:
+    last_seen: float
+    fragment: int | None = None
+    pid: int | None = None
+    credit: int = 0
+    strikes: int = 0
+    banned: bool = False
+
+
+class Core:
+    def __init__(self, plan: Plan, settings: CoreSettings | None = None) -> None:
+        self.plan = plan
+        self.settings = settings or CoreSettings()
+        self.fragments = [self._fresh(i) for i in range(len(plan.fragments))]
+        self.peers: dict[str, PeerState] = {}
+        self.arrivals: list[Arrival] = []
+        self.prefix: list[int] = []
+        self.checkpoints = 0
+        self.finished = False
+        self.sent_before: list[list[bytearray]] = [[bytearray(len(it.pieces)) for it in f.items] for f in plan.fragments]
+
+    def _fresh(self, index: int) -> FragmentState:
+        items = self.plan.fragments[index].items
+        return FragmentState(have=[bytearray(len(it.pieces)) for it in items], missing=sum(len(it.pieces) for it in items))
+
+    # ---- public read-only views -------------------------------------------------------
+
+    @property
+    def prefix_layers(self) -> int:
+        return self.plan.fragments[self.prefix[-1]].last_layer + 1 if self.prefix else 0
+
+    def missing_fragments(self) -> list[int]:
+        return [i for i, f in enumerate(self.fragments) if f.status != COMMITTED]
+
+    # ---- dispatch -----------------------------------------------------------------------
+
+    def handle(self, event: Any) -> list[Any]:
+        if self.finished:
+            return []
+        handler = getattr(self, "_on_" + event.type)
+        return handler(event)
+
+    def _on_hello(self, ev: Hello) -> list[Any]:
+        peer = self._peer(ev.peer, ev.t)
+        if peer.banned:
+            return []
+        h = ev.header
+        if peer.fragment is not None:
+            return self._reject(ev.peer, "HELLO", h.get("fragment"), f"one HELLO per connection (already fragment {peer.fragment})", fatal=False)
+        if h["v"] != PROTOCOL_VERSION:
+            return self._reject(ev.peer, "HELLO.v", h["v"], f"protocol version {PROTOCOL_VERSION}")
+        if h["run"] != self.plan.run_id:
+            return self._reject(ev.peer, "HELLO.run", h["run"], f"run {self.plan.run_id}")
+        if h["plan"] != self.plan.digest:
+            return self._reject(ev.peer, "HELLO.plan", h["plan"], f"plan digest {self.plan.digest}")
+        index = h["fragment"]
+        if not 0 <= index < len(self.fragments):
+            return self._reject(ev.peer, "HELLO.fragment", index, f"0..{len(self.fragments) - 1}")
+        spec = self.plan.fragments[index]
+        if (h["first_layer"], h["last_layer"]) != (spec.first_layer, spec.last_layer):
+            return self._reject(ev.peer, "HELLO.layers", f"{h['first_layer']}-{h['last_layer']}",
+                                f"{spec.label} for fragment {index} in the plan")
+        state = self.fragments[index]
+        if state.status == COMMITTED:
+            return self._reject(ev.peer, "HELLO.fragment", index, "a fragment not yet committed (it is committed)")
+        if state.status in (LIVE, VERIFYING) and state.peer is not None:
+            return self._reject(ev.peer, "HELLO.fragment", index,
+                                f"a fragment without a live agent (peer {state.peer} holds it)")
+        peer.fragment, peer.pid = index, h["pid"]
+        state.peer = ev.peer
+        state.attempts += 1
+        state.hello_t = ev.t
+        if state.dead_t is not None:
+            state.lost_s += ev.t - state.dead_t
+            state.dead_t = None
+        want = self._want(index)
+        actions: list[Any] = []
+        if state.status == VERIFYING:
+            peer.credit = 0
+        else:
+            state.status = LIVE
+            peer.credit = min(self.settings.credit, max(state.missing, 1))
+        actions.append(Send(ev.peer, "WELCOME", {"v": PROTOCOL_VERSION, "fragment": index, "want": want,
+                                                 "credit": peer.credit, "heartbeat_ms": self.settings.heartbeat_ms}))
+        if state.status == LIVE and state.missing == 0:
+            state.status = VERIFYING
+            actions.append(Verify(index))
+        return actions
+
+    def _on_chunk(self, ev: Chunk) -> list[Any]:
+        peer = self._peer(ev.peer, ev.t)
+        if peer.banned:
+            return []
+        if peer.fragment is None:
+            return self._reject(ev.peer, "CHUNK", "no HELLO", "HELLO before any CHUNK")
+        index = peer.fragment
+        state = self.fragments[index]
+        spec = self.plan.fragments[index]
+        if state.peer != ev.peer:
+            return self._reject(ev.peer, "CHUNK", f"fragment {index}", "a fragment this connection holds", fatal=True)
+        if peer.credit <= 0:
+            return self._reject(ev.peer, "CHUNK", "over credit", "at most the granted credit in flight", fatal=False)
+        peer.credit -= 1
+        actions: list[Any] = []
+        problem = self._check_chunk(index, ev)
+        if problem is not None:
+            state.rejected_chunks += 1
+            actions += self._reject(ev.peer, *problem, fatal=False)
+            if problem[0] == "CHUNK.digest":  # the bytes were damaged: ask for that piece again
+                actions.append(Send(ev.peer, "WANT", {"want": [[ev.item, [[ev.piece, ev.piece + 1]]]]}))
+        elif state.have[ev.item][ev.piece]:
+            state.duplicate_bytes += ev.length
+        else:
+            state.have[ev.item][ev.piece] = 1
+            state.missing -= 1
+            state.received_bytes += ev.length
+            if self.sent_before[index][ev.item][ev.piece]:
+                state.resent_bytes += ev.length
+            self.sent_before[index][ev.item][ev.piece] = 1
+            if state.first_chunk_t is None:
+                state.first_chunk_t = ev.t
+            state.last_chunk_t = ev.t
+            actions.append(Write(index, ev.item, ev.piece))
+        if state.status == LIVE and state.missing == 0:
+            state.status = VERIFYING
+            actions.append(Verify(index))
+        elif state.status == LIVE:
+            peer.credit += 1
+            actions.append(Send(ev.peer, "CREDIT", {"n": 1}))
+        if peer.banned:
+            actions = [a for a in actions if not isinstance(a, Send)] + [Ban(ev.peer, "too many rejected messages")]
+        return actions
+
+    def _check_chunk(self, index: int, ev: Chunk) -> tuple[str, Any, str] | None:
+        items = self.plan.fragments[index].items
+        if not 0 <= ev.item < len(items):
+            return ("CHUNK.item", ev.item, f"an item index 0..{len(items) - 1} of fragment {index}")
+        item = items[ev.item]
+        if not 0 <= ev.piece < len(item.pieces):
+            return ("CHUNK.piece", ev.piece, f"a piece index 0..{len(item.pieces) - 1} of {item.name}")
+        _, length = item.piece_span(ev.piece, self.plan.piece_size)
+        if ev.length != length:
+            return ("CHUNK.payload", ev.length, f"{length} bytes for piece {ev.piece} of {item.name}")
+        if ev.digest != item.pieces[ev.piece]:
+            return ("CHUNK.digest", ev.digest, f"{item.pieces[ev.piece]} (piece {ev.piece} of {item.name})")
+        return None
+
+    def _on_heartbeat(self, ev: Heartbeat) -> list[Any]:
+        self._peer(ev.peer, ev.t)
+        return []
+
+    def _on_bye(self, ev: Bye) -> list[Any]:
+        peer = self.peers.pop(ev.peer, None)
+        if peer is None or peer.fragment is None:
+            return []
+        state = self.fragments[peer.fragment]
+        if state.peer == ev.peer:
+            state.peer = None
+            if state.status == LIVE:  # left before finishing: another agent may take over
+                state.status = WAITING
+                state.dead_t = ev.t
+        return []
+
+    def _on_malformed(self, ev: Malformed) -> list[Any]:
+        peer = self._peer(ev.peer, ev.t)
+        if peer.banned:
+            return []
+        actions = self._reject(ev.peer, ev.field, ev.value, ev.expected, fatal=False)
+        if peer.banned:
+            return [Ban(ev.peer, "too many rejected messages")]
+        return actions
+
+    def _on_tick(self, ev: Tick) -> list[Any]:
+        actions: list[Any] = []
+        for name in sorted(self.peers):
+            peer = self.peers[name]
+            if ev.t - peer.last_seen <= self.settings.dead_after_s:
+                continue
+            if peer.fragment is None:
+                del self.peers[name]
+                actions.append(Forget(name))
+            else:
+                actions += self._bury(name, ev.t, f"silent for {ev.t - peer.last_seen:.1f}s "
+                                                  f"(> {self.settings.dead_after_s}s of missed heartbeats)")
+        return actions
+
+    def _on_agent_exited(self, ev: AgentExited) -> list[Any]:
+        for name in sorted(self.peers):
+            if self.peers[name].pid == ev.pid and self.peers[name].fragment is not None:
+                return self._bury(name, ev.t, f"process {ev.pid} exited")
+        return []
+
+    def _bury(self, name: str, t: float, reason: str) -> list[Any]:
+        peer = self.peers.pop(name)
+        index = peer.fragment
+        if index is not None:
+            state = self.fragments[index]
+            if state.peer == name:
+                state.peer = None
+                state.deaths += 1
+                if state.status == LIVE:  # verified bytes stay; the next agent resumes from them
+                    state.status = WAITING
+                    state.dead_t = t
+        return [AgentDead(name, index, reason)]
+
+    def _on_verified(self, ev: Verified) -> list[Any]:
+        state = self.fragments[ev.fragment]
+        if state.status != VERIFYING:
+            return []
+        if ev.bad_items:
+            for item in ev.bad_items:
+                pieces = state.have[item]
+                lost = self.plan.fragments[ev.fragment].items[item].nbytes
+                state.missing += sum(pieces)
+                state.received_bytes -= lost
+                pieces[:] = bytearray(len(pieces))
+            state.status = LIVE if state.peer else WAITING
+            if state.peer:
+                return [Send(state.peer, "WANT", {"want": self._want(ev.fragment)}),
+                        Send(state.peer, "CREDIT", {"n": self.settings.credit})]
+            return []
+        state.status = COMMITTED
+        state.committed_t = ev.t
+        actions: list[Any] = [Promote(ev.fragment)]
+        if state.peer:
+            actions.append(Send(state.peer, "COMMITTED", {"fragment": ev.fragment}))
+        return actions + self._arrive(ev.fragment)
+
+    def _arrive(self, index: int) -> list[Any]:
+        before = list(self.prefix)
+        prefix: list[int] = []
+        for i, state in enumerate(self.fragments):
+            if state.status != COMMITTED:
+                break
+            prefix.append(i)
+        self.prefix = prefix
+        grew = len(prefix) > len(before)
+        arrival = Arrival(len(self.arrivals) + 1, index, self.prefix_layers, list(prefix), grew)
+        self.arrivals.append(arrival)
+        actions: list[Any] = [arrival]
+        if grew:
+            self.checkpoints += 1
+            actions.append(Reassemble(self.checkpoints, self.prefix_layers, list(prefix), prefix[len(before):]))
+        if not self.missing_fragments():
+            self.finished = True
+            actions.append(Finish(True, []))
+        return actions
+
+    def _on_restored(self, ev: Restored) -> list[Any]:
+        actions: list[Any] = []
+        for key, items in ev.pieces.items():
+            index = int(key)
+            state = self.fragments[index]
+            for item_key, runs in items.items():
+                item = int(item_key)
+                spec = self.plan.fragments[index].items[item]
+                for first, stop in runs:
+                    for piece in range(first, stop):
+                        if not state.have[item][piece]:
+                            state.have[item][piece] = 1
+                            self.sent_before[index][item][piece] = 1
+                            state.missing -= 1
+                            state.received_bytes += spec.piece_span(piece, self.plan.piece_size)[1]
+        for index in sorted(ev.committed):
+            state = self.fragments[index]
+            state.status = COMMITTED
+            state.received_bytes = self.plan.fragments[index].nbytes
+            state.missing = 0
+            for item_index, have in enumerate(state.have):
+                have[:] = b"\x01" * len(have)
+                self.sent_before[index][item_index][:] = b"\x01" * len(have)
+        # The prefix is rebuilt (and re-evaluated) from what survived, as one arrival per committed fragment.
+        for index in sorted(ev.committed):
+            actions += self._arrive(index)
+        return actions
+
+    def _on_end_of_agents(self, ev: EndOfAgents) -> list[Any]:
+        self.finished = True
+        return [Finish(not self.missing_fragments(), self.missing_fragments())]
+
+    # ---- helpers ------------------------------------------------------------------------
+
+    def _peer(self, name: str, t: float) -> PeerState:
+        peer = self.peers.get(name)
+        if peer is None:
+            peer = self.peers[name] = PeerState(last_seen=t)
+        peer.last_seen = t
+        return peer
+
+    def _want(self, index: int) -> list[list[Any]]:
+        state = self.fragments[index]
+        want = []
+        for item, have in enumerate(state.have):
+            missing = [p for p, got in enumerate(have) if not got]
+            if missing:
+                want.append([item, want_ranges(missing)])
+        return want
+
+    def _reject(self, peer_name: str, fld: str, value: Any, expected: str, *, fatal: bool = True) -> list[Any]:
+        peer = self.peers[peer_name]
+        peer.strikes += 1
+        if peer.strikes >= self.settings.max_strikes:
+            peer.banned = True
+        return [Send(peer_name, "REJECT", {"reason": f"{fld}: got {value!r}, expected {expected}", "field": fld,
+                                           "value": value if isinstance(value, (int, str, type(None))) else repr(value),
+                                           "expected": expected, "fatal": fatal})]
+
+    def fragment_stats(self) -> list[dict[str, Any]]:
+        out = []
+        for index, (spec, s) in enumerate(zip(self.plan.fragments, self.fragments)):
+            seconds = (s.last_chunk_t - s.first_chunk_t) if s.first_chunk_t is not None and s.last_chunk_t is not None else None
+            out.append({
+                "fragment": index, "layers": spec.label, "status": s.status, "bytes": spec.nbytes,
+                "received_bytes": s.received_bytes, "resent_bytes": s.resent_bytes,
+                "duplicate_bytes": s.duplicate_bytes, "rejected_chunks": s.rejected_chunks,
+                "attempts": s.attempts, "deaths": s.deaths, "lost_s": round(s.lost_s, 6),
+                "transfer_s": round(seconds, 6) if seconds is not None else None,
+                "mb_per_s": round(spec.nbytes / seconds / 1e6, 1) if seconds else None,
+            })
+        return out

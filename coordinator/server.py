@@ -1,0 +1,270 @@
+"""The coordinator process: a ZeroMQ ROUTER loop around the sans-IO core.
+
+It turns socket traffic into core events (with its own clock), logs every event the core
+consumed together with the decisions it made, and carries those decisions out: sockets,
+sandbox writes, verification, promotion, reassembly and evaluation.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+import zmq
+from blake3 import blake3
+
+from agents.eventlog import log_start, open_event_log
+from coordinator.core import LIVE, VERIFYING, Core, CoreSettings
+from coordinator.events import (
+    AgentDead, AgentExited, Arrival, Ban, Bye, Chunk, EndOfAgents, Finish, Forget, Heartbeat, Hello, Malformed,
+    Promote, Reassemble, Restored, Send, Tick, Verified, Verify, Write,
+)
+from coordinator.store import FragmentStore
+from protocol.errors import ProtocolError
+from protocol.messages import decode_from_agent, encode
+from protocol.plan import Plan
+from sandbox import Sandbox
+
+TICK_S = 0.25
+EXIT_OK = 0
+EXIT_MISMATCH = 1
+EXIT_INCOMPLETE = 3
+
+
+class Progress:
+    """JSON lines on stdout for the launcher's live view (the log file is the record)."""
+
+    def __init__(self, stream: Any = None) -> None:
+        self.stream = stream or sys.stdout
+
+    def __call__(self, kind: str, **fields: Any) -> None:
+        self.stream.write(json.dumps({"progress": kind, **fields}, default=str) + "\n")
+        self.stream.flush()
+
+
+class CoordinatorServer:
+    def __init__(self, run_dir: Path, *, bind: str = "tcp://127.0.0.1:0", settings: CoreSettings | None = None,
+                 progress: Progress | None = None, control_fd: int | None = None) -> None:
+        self.run_dir = run_dir.resolve()
+        self.plan = Plan.loads((self.run_dir / "plan.json").read_bytes())
+        # Quota: what the plan says will arrive, three times over for fragments + snapshots'
+        # metadata + logs and results, and never more than that.
+        self.box = Sandbox(self.run_dir, quota_bytes=3 * self.plan.nbytes + 256 * 1024 * 1024)
+        self.box.mkdir("logs")
+        self.log = open_event_log(self.box.open_append("logs/coordinator.jsonl"), run_id=self.plan.run_id,
+                                  role="coordinator")
+        self.settings = settings or CoreSettings()
+        self.core = Core(self.plan, self.settings)
+        self.store = FragmentStore(self.box, self.plan)
+        self.progress = progress or Progress()
+        self.control_fd = control_fd
+        self.bind = bind
+        self.payloads: dict[tuple[int, int], memoryview] = {}
+        self.outcome: Finish | None = None
+        self.pids: dict[str, int] = {}
+        self._reported: dict[int, int] = {}
+        from coordinator.reassembly import Reassembler  # torch import: ~2 s, after the cheap checks
+
+        self.reassembler = Reassembler(self.box, self.plan, self.log, self.progress)
+
+    # ---- setup ----------------------------------------------------------------------
+
+    def open_socket(self) -> str:
+        self.ctx = zmq.Context.instance()
+        self.sock = self.ctx.socket(zmq.ROUTER)
+        self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self.sock.setsockopt(zmq.MAXMSGSIZE, self.plan.piece_size + 64 * 1024)
+        self.sock.setsockopt(zmq.LINGER, 1000)
+        if self.bind.endswith(":0"):
+            port = self.sock.bind_to_random_port(self.bind[: -len(":0")])
+            endpoint = f"{self.bind[: -len(':0')]}:{port}"
+        else:
+            self.sock.bind(self.bind)
+            endpoint = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        return endpoint
+
+    def restore(self) -> None:
+        """Pick up whatever an earlier coordinator of this run left in the sandbox."""
+        committed = [i for i in range(len(self.plan.fragments)) if self.store.is_committed(i)]
+        for index in committed:
+            bad = self.store.verify_committed(index)
+            if bad:
+                names = [self.plan.fragments[index].items[i].name for i in bad]
+                raise RuntimeError(f"promoted fragment {index} no longer matches the plan digests: {names}")
+        pieces = {str(i): self.store.received_pieces(i) for i in range(len(self.plan.fragments))
+                  if i not in committed}
+        pieces = {k: v for k, v in pieces.items() if v}
+        if committed or pieces:
+            self.log.info("coordinator.restore", committed=committed,
+                          staged={k: sum(b - a for runs in v.values() for a, b in runs) for k, v in pieces.items()})
+            self.step(Restored(time.monotonic(), committed, pieces))
+
+    # ---- the loop -------------------------------------------------------------------
+
+    def run(self) -> int:
+        endpoint = self.open_socket()
+        log_start(self.log, pid=os.getpid(), endpoint=endpoint, plan_digest=self.plan.digest,
+                  settings=self.settings.__dict__)
+        self.restore()
+        self.progress("ready", endpoint=endpoint, pid=os.getpid())
+        poller = zmq.Poller()
+        poller.register(self.sock, zmq.POLLIN)
+        if self.control_fd is not None:
+            poller.register(self.control_fd, zmq.POLLIN)
+        next_tick = next_beat = time.monotonic()
+        while self.outcome is None:
+            timeout = max(0.0, min(next_tick, next_beat) - time.monotonic())
+            ready = dict(poller.poll(int(timeout * 1000) + 1))
+            if self.sock in ready:
+                self._drain()
+            if self.control_fd is not None and self.control_fd in ready:
+                self._control()
+            now = time.monotonic()
+            if now >= next_tick and self.outcome is None:
+                self._tick(now)
+                next_tick = now + TICK_S
+            if now >= next_beat and self.outcome is None:
+                for peer in self._bound_peers():
+                    self._send(peer, "HEARTBEAT", {})
+                next_beat = now + self.settings.heartbeat_ms / 1000
+        self.store.close()
+        self.sock.close()
+        return self.exit_code
+
+    def _drain(self, limit: int = 512) -> None:
+        for _ in range(limit):
+            try:
+                frames = self.sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            self._receive(frames)
+            if self.outcome is not None:
+                return
+
+    def _receive(self, frames: list[zmq.Frame]) -> None:
+        peer = frames[0].bytes.hex()
+        now = time.monotonic()
+        try:
+            msg = decode_from_agent([f.buffer for f in frames[1:]], self.plan.piece_size)
+        except ProtocolError as exc:
+            self.step(Malformed(now, peer, exc.field, exc.value, exc.expected))
+            return
+        if msg.kind == "HELLO":
+            self.step(Hello(now, peer, msg.header))
+        elif msg.kind == "CHUNK":
+            payload = msg.payload
+            assert payload is not None
+            key = (msg.header["item"], msg.header["piece"])
+            self.payloads[key] = payload
+            try:
+                self.step(Chunk(now, peer, msg.header["item"], msg.header["piece"], payload.nbytes,
+                                blake3(payload).hexdigest()))
+            finally:
+                self.payloads.pop(key, None)
+        elif msg.kind == "HEARTBEAT":
+            self.step(Heartbeat(now, peer), quiet=True)
+        elif msg.kind == "BYE":
+            self.step(Bye(now, peer))
+
+    def _tick(self, now: float) -> None:
+        self.step(Tick(now), quiet=True)
+        for peer, pid in list(self.pids.items()):
+            if peer in self.core.peers and not _alive(pid):
+                self.step(AgentExited(time.monotonic(), pid))
+
+    def _control(self) -> None:
+        line = os.read(self.control_fd, 4096) if self.control_fd is not None else b""
+        if not line or b"end" in line:
+            reason = "launcher closed control" if not line else line.decode(errors="replace").strip()
+            self.step(EndOfAgents(time.monotonic(), reason))
+            if not line and self.control_fd is not None:
+                self.control_fd = None
+
+    def _bound_peers(self) -> list[str]:
+        return [name for name, p in self.core.peers.items() if p.fragment is not None]
+
+    # ---- core step: log the event and the decisions, then carry them out -------------
+
+    def step(self, event: Any, *, quiet: bool = False) -> None:
+        actions = self.core.handle(event)
+        if actions or not quiet or event.type == "heartbeat":
+            self.log.info("core.step", ev=event.to_dict(), out=[a.to_dict() for a in actions])
+        for action in actions:
+            self._execute(action, event)
+
+    def _execute(self, action: Any, event: Any) -> None:
+        if isinstance(action, Send):
+            self._send(action.peer, action.kind, action.header)
+            if action.kind == "REJECT":
+                self.log.warning("message.rejected", peer=action.peer, **action.header)
+                self.progress("rejected", peer=action.peer, reason=action.header["reason"])
+            elif action.kind == "WELCOME":
+                fragment = action.header["fragment"]
+                self.pids[action.peer] = event.header["pid"]
+                self.log.info("agent.welcomed", peer=action.peer, fragment=fragment, pid=event.header["pid"],
+                              attempt=self.core.fragments[fragment].attempts,
+                              resume_bytes=self.core.fragments[fragment].received_bytes)
+                self.progress("hello", fragment=fragment, pid=event.header["pid"],
+                              attempt=self.core.fragments[fragment].attempts,
+                              received=self.core.fragments[fragment].received_bytes,
+                              total=self.plan.fragments[fragment].nbytes)
+        elif isinstance(action, Write):
+            self.store.write(action.fragment, action.item, action.piece, self.payloads[(action.item, action.piece)])
+            self._report_bytes(action.fragment)
+        elif isinstance(action, Verify):
+            started = time.perf_counter()
+            bad = self.store.verify(action.fragment)
+            self.log.info("fragment.verified", fragment=action.fragment, ok=not bad, bad_items=bad,
+                          seconds=round(time.perf_counter() - started, 6))
+            self.step(Verified(time.monotonic(), action.fragment, bad))
+        elif isinstance(action, Promote):
+            path = self.store.promote(action.fragment)
+            self.log.info("fragment.promoted", fragment=action.fragment, path=path)
+            self.progress("committed", fragment=action.fragment)
+        elif isinstance(action, Arrival):
+            self.log.info("prefix.arrival", **action.to_dict())
+            self.reassembler.record_arrival(action)
+        elif isinstance(action, Reassemble):
+            self.reassembler.reassemble(action)
+        elif isinstance(action, AgentDead):
+            self.pids.pop(action.peer, None)
+            self.log.warning("agent.dead", peer=action.peer, fragment=action.fragment, reason=action.reason)
+            self.progress("dead", fragment=action.fragment, reason=action.reason)
+        elif isinstance(action, (Forget, Ban)):
+            self.pids.pop(action.peer, None)
+            self.log.info(f"peer.{action.type}", **action.to_dict())
+        elif isinstance(action, Finish):
+            self.outcome = action
+            self.exit_code = self.reassembler.finish(action, self.core, self.store)
+
+    def _send(self, peer: str, kind: str, header: dict[str, Any]) -> None:
+        try:
+            self.sock.send_multipart([bytes.fromhex(peer), *encode(kind, header)], zmq.NOBLOCK)
+        except zmq.ZMQError as exc:  # the peer is gone (ROUTER_MANDATORY) or its queue is full
+            self.log.info("send.dropped", peer=peer, kind=kind, error=str(exc))
+
+    def _report_bytes(self, fragment: int) -> None:
+        state = self.core.fragments[fragment]
+        last = self._reported.get(fragment, -1)
+        total = self.plan.fragments[fragment].nbytes
+        if state.received_bytes - last >= total / 50 or state.missing == 0:
+            self._reported[fragment] = state.received_bytes
+            self.progress("bytes", fragment=fragment, received=state.received_bytes, total=total)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def serve(run_dir: str, bind: str, control_stdin: bool) -> int:
+    server = CoordinatorServer(Path(run_dir), bind=bind, control_fd=sys.stdin.fileno() if control_stdin else None)
+    return server.run()

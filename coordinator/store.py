@@ -1,0 +1,131 @@
+"""Fragment files in the run directory: staged while pieces arrive, verified, then published.
+
+quorum/fragment_KK.partial/  receiving: weights.safetensors pre-allocated at its final size
+                             (header written up front) plus fragment 0's side files
+quorum/fragment_KK/          promoted by one atomic directory rename once every item's bytes,
+                             read back from disk, match the plan digests
+"""
+
+from __future__ import annotations
+
+from blake3 import blake3
+
+from protocol.messages import want_ranges
+from protocol.plan import WEIGHTS_FILE, Fragment, Plan
+from sandbox import PartialFile, Sandbox
+
+QUORUM = "quorum"
+READ_CHUNK = 8 * 1024 * 1024
+
+
+def staging_dir(index: int) -> str:
+    return f"{QUORUM}/fragment_{index:02d}.partial"
+
+
+def committed_dir(index: int) -> str:
+    return f"{QUORUM}/fragment_{index:02d}"
+
+
+class FragmentStore:
+    def __init__(self, box: Sandbox, plan: Plan) -> None:
+        self.box = box
+        self.plan = plan
+        self._open: dict[int, dict[str, PartialFile]] = {}
+        box.mkdir(QUORUM)
+
+    def _files(self, index: int) -> dict[str, PartialFile]:
+        files = self._open.get(index)
+        if files is None:
+            files = self._open[index] = self._stage(self.plan.fragments[index])
+        return files
+
+    def _stage(self, fragment: Fragment) -> dict[str, PartialFile]:
+        base = staging_dir(fragment.index)
+        self.box.mkdir(base)
+        header, _, size = fragment.layout
+        files: dict[str, PartialFile] = {}
+        if any(item.kind == "tensor" for item in fragment.items):
+            weights = self.box.create_file(f"{base}/{WEIGHTS_FILE}", size, exist_ok=True)
+            weights.write_at(0, header)  # deterministic from the plan, so rewriting on resume is harmless
+            files[WEIGHTS_FILE] = weights
+        for item in fragment.items:
+            if item.kind == "file":
+                files[item.name] = self.box.create_file(f"{base}/{item.name}", item.nbytes, exist_ok=True)
+        return files
+
+    def write(self, index: int, item: int, piece: int, payload: memoryview) -> None:
+        fragment = self.plan.fragments[index]
+        name, base = fragment.destination(item)
+        start, _ = fragment.items[item].piece_span(piece, self.plan.piece_size)
+        self._files(index)[name].write_at(base + start, payload)
+
+    def verify(self, index: int) -> list[int]:
+        """fsync, read every item back from disk and hash it; returns the items that do not match."""
+        fragment = self.plan.fragments[index]
+        files = self._files(index)
+        for handle in files.values():
+            handle.fsync()
+        bad = []
+        header = fragment.layout[0]
+        if WEIGHTS_FILE in files and files[WEIGHTS_FILE].read_at(0, len(header)) != header:
+            files[WEIGHTS_FILE].write_at(0, header)  # the header is ours, not an agent's: just restore it
+            files[WEIGHTS_FILE].fsync()
+        for item_index, item in enumerate(fragment.items):
+            name, base = fragment.destination(item_index)
+            if _hash_region(files[name], base, item.nbytes) != item.digest:
+                bad.append(item_index)
+        return bad
+
+    def promote(self, index: int) -> str:
+        for handle in self._open.pop(index, {}).values():
+            handle.close()
+        self.box.promote(staging_dir(index), committed_dir(index))
+        return committed_dir(index)
+
+    def is_committed(self, index: int) -> bool:
+        return self.box.exists(committed_dir(index))
+
+    def received_pieces(self, index: int) -> dict[str, list[list[int]]]:
+        """Pieces of a staged fragment whose bytes on disk match the plan (resume after a crash)."""
+        if not self.box.exists(staging_dir(index)):
+            return {}
+        fragment = self.plan.fragments[index]
+        files = self._files(index)
+        out: dict[str, list[list[int]]] = {}
+        for item_index, item in enumerate(fragment.items):
+            name, base = fragment.destination(item_index)
+            good = []
+            for piece, expected in enumerate(item.pieces):
+                start, length = item.piece_span(piece, self.plan.piece_size)
+                if blake3(files[name].read_at(base + start, length)).hexdigest() == expected:
+                    good.append(piece)
+            if good:
+                out[str(item_index)] = want_ranges(good)
+        return out
+
+    def verify_committed(self, index: int) -> list[int]:
+        """Re-hash a promoted fragment against the plan: promoted data must never silently change."""
+        fragment = self.plan.fragments[index]
+        bad = []
+        for item_index, item in enumerate(fragment.items):
+            name, base = fragment.destination(item_index)
+            with self.box.open_read(f"{committed_dir(index)}/{name}") as handle:
+                if _hash_region(handle, base, item.nbytes) != item.digest:
+                    bad.append(item_index)
+        return bad
+
+    def close(self) -> None:
+        for files in self._open.values():
+            for handle in files.values():
+                handle.close()
+        self._open.clear()
+
+
+def _hash_region(handle: PartialFile, offset: int, nbytes: int) -> str:
+    digest = blake3()
+    done = 0
+    while done < nbytes:
+        length = min(READ_CHUNK, nbytes - done)
+        digest.update(handle.read_at(offset + done, length))
+        done += length
+    return digest.hexdigest()
