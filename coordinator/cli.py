@@ -59,6 +59,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from protocol.errors import PlanError
 
+    if args.command in ("prepare", "simulate"):
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # our own progress view owns the terminal
+
     try:
         if args.command == "prepare":
             from coordinator.prepare import prepare_default, prepare_model_dir
@@ -83,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
             from agents.agent import main_agent
 
             return main_agent(args.run_dir, args.fragment, args.connect)
-    except (PlanError, FileNotFoundError) as exc:
+    except (PlanError, FileNotFoundError, FileExistsError) as exc:
         print(f"fragsim {args.command}: {exc}", file=sys.stderr)
         return 2
     return 2

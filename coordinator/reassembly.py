@@ -57,6 +57,7 @@ class Reassembler:
         t1 = time.perf_counter()
         if self.live.model is None:
             self.live.start(self.box.resolve(rel), action.layers)
+            generate(self.live.model, self.live.tokenizer, self.run["prompt"], 2)  # warm-up, as the baseline had
         else:
             self.live.grow([self.box.resolve(f"{committed_dir(i)}/{WEIGHTS_FILE}") for i in action.new_fragments],
                            action.layers)
@@ -101,7 +102,7 @@ class Reassembler:
             "final_matches_baseline": matches,
         }
         write_results(self.box, results)
-        self.log.info("run.finished", final_matches_baseline=matches, **final)
+        self.log.info("run.finished", **final)
         self.progress("finished", complete=action.complete, final_matches_baseline=matches, final=final)
         if not action.complete:
             return EXIT_INCOMPLETE

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import json
 import os
-import select
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -20,7 +20,7 @@ import zmq
 from blake3 import blake3
 
 from agents.eventlog import log_start, open_event_log
-from coordinator.core import LIVE, VERIFYING, Core, CoreSettings
+from coordinator.core import Core, CoreSettings
 from coordinator.events import (
     AgentDead, AgentExited, Arrival, Ban, Bye, Chunk, EndOfAgents, Finish, Forget, Heartbeat, Hello, Malformed,
     Promote, Reassemble, Restored, Send, Tick, Verified, Verify, Write,
@@ -69,9 +69,26 @@ class CoordinatorServer:
         self.outcome: Finish | None = None
         self.pids: dict[str, int] = {}
         self._reported: dict[int, int] = {}
-        from coordinator.reassembly import Reassembler  # torch import: ~2 s, after the cheap checks
+        # torch + transformers take seconds to import: do it while the first agents stream.
+        self._reassembler: Any = None
+        self._import_error: BaseException | None = None
+        self._importer = threading.Thread(target=self._load_reassembler, name="import-torch", daemon=True)
+        self._importer.start()
 
-        self.reassembler = Reassembler(self.box, self.plan, self.log, self.progress)
+    def _load_reassembler(self) -> None:
+        try:
+            from coordinator.reassembly import Reassembler
+
+            self._reassembler = Reassembler(self.box, self.plan, self.log, self.progress)
+        except BaseException as exc:  # surfaced on first use, in the loop's thread
+            self._import_error = exc
+
+    @property
+    def reassembler(self) -> Any:
+        self._importer.join()
+        if self._import_error is not None:
+            raise RuntimeError("loading the reassembler failed") from self._import_error
+        return self._reassembler
 
     # ---- setup ----------------------------------------------------------------------
 

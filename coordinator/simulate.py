@@ -141,38 +141,53 @@ def new_run_id() -> str:
     return time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(2)
 
 
-def run_simulation(opts: SimulateOptions, console: Console | None = None) -> int:
-    console = console or Console(stderr=False)
-    source_dir, model_name = resolve_source(opts, console)
+@dataclass
+class PreparedRun:
+    run_dir: Path
+    box: Sandbox
+    plan: Any
+    order: list[int]
+    source_dir: Path
+
+
+def plan_run(opts: SimulateOptions, source_dir: Path, model_name: str) -> PreparedRun:
+    """Read the source once and write plan.json and run.json: nothing has started yet."""
     source = SourceCheckpoint(source_dir)
-    num_layers = int(source.config.get("num_hidden_layers", 0))
-    ranges = parse_ranges(opts.ranges, num_layers) if opts.ranges else split_layers(num_layers, opts.fragments)
-    order = launch_order(opts.order, len(ranges), opts.seed)
-    run_id = new_run_id()
-    run_dir = Path(opts.run_dir or Path(opts.artifacts) / "runs" / run_id).resolve()
-    box = Sandbox(run_dir, create=True)
-    box.mkdir("logs")
-    started = time.perf_counter()
-    plan = make_plan(source, ranges, run_id=run_id, model_name=model_name, piece_size=opts.piece_size)
-    source.close()
+    try:
+        num_layers = int(source.config.get("num_hidden_layers", 0))
+        ranges = parse_ranges(opts.ranges, num_layers) if opts.ranges else split_layers(num_layers, opts.fragments)
+        order = launch_order(opts.order, len(ranges), opts.seed)
+        run_id = new_run_id()
+        run_dir = Path(opts.run_dir or Path(opts.artifacts) / "runs" / run_id).resolve()
+        box = Sandbox(run_dir, create=True)
+        if box.listdir("."):
+            raise FileExistsError(f"run directory {run_dir} is not empty; expected a new or empty directory")
+        box.mkdir("logs")
+        plan = make_plan(source, ranges, run_id=run_id, model_name=model_name, piece_size=opts.piece_size)
+    finally:
+        source.close()
     box.write_text("plan.json", plan.dumps())
     box.write_json("run.json", {**asdict(opts), "order": order, "source_dir": str(source_dir)})
-    console.print(f"run [bold]{run_id}[/] in {run_dir}\nplan: {len(ranges)} fragments "
-                  f"{', '.join(f.label for f in plan.fragments)}, {plan.nbytes / 1e6:.1f} MB, "
-                  f"digest {plan.digest[:16]}… ({time.perf_counter() - started:.2f}s); launch order {order}")
+    return PreparedRun(run_dir, box, plan, order, source_dir)
 
-    coordinator = CoordinatorProcess(run_dir, box)
+
+def execute_run(opts: SimulateOptions, run: PreparedRun, console: Console) -> tuple[int, dict[str, Any] | None]:
+    """Start the coordinator, record the baseline, launch agents in order; (exit code, results)."""
+    from coordinator.baseline import SourceModel  # torch: imported while the coordinator starts
+
+    coordinator = CoordinatorProcess(run.run_dir, run.box)
     launcher: AgentLauncher | None = None
     try:
-        from coordinator.baseline import record_baseline
-
+        with console.status("baseline: loading the full source model"):
+            source_model = SourceModel(run.source_dir, opts.threads)
+            endpoint = _await_ready(coordinator)
         with console.status("baseline: evaluating the full source model"):
-            base = record_baseline(box, source_dir, opts.prompt, opts.max_new_tokens, opts.threads)
-        console.print(f"baseline ({num_layers} layers): {base['text']!r} ({base['seconds']:.2f}s)")
-        endpoint = _await_ready(coordinator)
-        launcher = AgentLauncher(run_dir, endpoint)
-        with LiveView(console, plan) as view:
-            outcome = _drive(opts, order, coordinator, launcher, view)
+            base = source_model.record(run.box, opts.prompt, opts.max_new_tokens)
+        del source_model
+        console.print(f"baseline ({run.plan.num_layers} layers): {escape(repr(base['text']))} ({base['seconds']:.2f}s)")
+        launcher = AgentLauncher(run.run_dir, endpoint)
+        with LiveView(console, run.plan) as view:
+            outcome = _drive(opts, run.order, coordinator, launcher, view)
         code = coordinator.proc.wait(timeout=60)
     except BaseException:
         coordinator.proc.kill()
@@ -183,15 +198,31 @@ def run_simulation(opts: SimulateOptions, console: Console | None = None) -> int
     finally:
         if launcher:
             launcher.stop_all()
-    results_path = run_dir / "results.json"
+    results_path = run.run_dir / "results.json"
     if not results_path.exists():
-        console.print(f"[red]the coordinator exited with {code} and wrote no results[/]; see {run_dir}/logs/")
-        return EXIT_FAILED
+        console.print(f"[red]the coordinator exited with {code} and wrote no results[/]; see {run.run_dir}/logs/")
+        return EXIT_FAILED, None
     results = json.loads(results_path.read_text())
-    print_summary(console, results, run_dir)
     if outcome == "incomplete" or code == EXIT_INCOMPLETE:
-        return EXIT_INCOMPLETE
-    return EXIT_OK if code == 0 and results["final_matches_baseline"] else EXIT_MISMATCH
+        return EXIT_INCOMPLETE, results
+    return (EXIT_OK if code == 0 and results["final_matches_baseline"] else EXIT_MISMATCH), results
+
+
+def run_simulation(opts: SimulateOptions, console: Console | None = None) -> int:
+    console = console or Console()
+    if not console.is_terminal:  # logs and CI: wide enough that tables do not fold
+        console.width = max(console.width, 160)
+    source_dir, model_name = resolve_source(opts, console)
+    started = time.perf_counter()
+    run = plan_run(opts, source_dir, model_name)
+    console.print(f"run [bold]{run.plan.run_id}[/] in {run.run_dir}")
+    console.print(f"plan: {len(run.plan.fragments)} fragments {', '.join(f.label for f in run.plan.fragments)}, "
+                  f"{run.plan.nbytes / 1e6:.1f} MB, digest {run.plan.digest[:16]}… "
+                  f"({time.perf_counter() - started:.2f}s); launch order {run.order}")
+    code, results = execute_run(opts, run, console)
+    if results is not None:
+        print_summary(console, results, run.run_dir)
+    return code
 
 
 def _await_ready(coordinator: CoordinatorProcess) -> str:
@@ -250,7 +281,8 @@ def _drive(opts: SimulateOptions, order: list[int], coordinator: CoordinatorProc
 def print_summary(console: Console, results: dict[str, Any], run_dir: Path) -> None:
     table = Table(title="checkpoints", show_lines=False)
     for header in CHECKPOINT_HEADERS:
-        table.add_column(header, overflow="fold")
+        wide = header == "completion"
+        table.add_column(header, overflow="ellipsis" if wide else "fold", no_wrap=wide, ratio=1 if wide else None)
     for row in checkpoint_rows(results):
         table.add_row(*[escape(str(v)) for v in row])
     console.print(table)

@@ -1,0 +1,67 @@
+"""Shared fixtures: tiny random checkpoints, the prepared default model, and a harness that
+runs real coordinator and agent processes over real sockets in a temporary run directory."""
+
+from __future__ import annotations
+
+import io
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from checkpoints import make_tiny_llama  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """6 layers, tied embeddings, GQA (4 heads, 2 kv heads)."""
+    return make_tiny_llama(tmp_path_factory.mktemp("tiny") / "model", num_layers=6)
+
+
+@pytest.fixture(scope="session")
+def tiny_untied_sharded(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Untied lm_head, GQA, weights in several safetensors shards."""
+    return make_tiny_llama(tmp_path_factory.mktemp("tiny-untied") / "model", num_layers=5, tied=False,
+                           sharded=True, seed=3)
+
+
+@pytest.fixture(scope="session")
+def default_source() -> Path:
+    """The embedded SmolLM2 model, prepared once into the repo's artifacts/ (a cache kept across runs)."""
+    from coordinator.prepare import prepare_default
+
+    return prepare_default(REPO / "artifacts", log=lambda *_: None)
+
+
+@dataclass
+class SimulationResult:
+    code: int
+    results: dict[str, Any]
+    run_dir: Path
+    output: str
+
+
+def simulate(model: Path, run_dir: Path, **options: Any) -> SimulationResult:
+    """One real run: coordinator and agents as separate processes, this process as the launcher."""
+    from rich.console import Console
+
+    from coordinator.simulate import SimulateOptions, execute_run, plan_run
+
+    opts = SimulateOptions(model=str(model), run_dir=str(run_dir), threads=options.pop("threads", 1), **options)
+    buffer = io.StringIO()
+    run = plan_run(opts, model, model.name)
+    code, results = execute_run(opts, run, Console(file=buffer, width=160))
+    assert results is not None, buffer.getvalue() + _tail(run_dir / "logs" / "coordinator.stderr")
+    return SimulationResult(code, results, run_dir, buffer.getvalue())
+
+
+def _tail(path: Path, lines: int = 30) -> str:
+    return "\n".join(path.read_text().splitlines()[-lines:]) if path.exists() else ""
