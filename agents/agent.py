@@ -87,11 +87,15 @@ class Agent:
             sock.close()
             self.source.close()
 
+    def _hello_frames(self) -> list:
+        f = self.fragment
+        return encode("HELLO", {
+            "v": PROTOCOL_VERSION, "run": self.plan.run_id, "plan": self.plan.digest, "fragment": f.index,
+            "first_layer": f.first_layer, "last_layer": f.last_layer, "pid": os.getpid()})
+
     def _session(self, sock: zmq.Socket) -> int:
         f = self.fragment
-        sock.send_multipart(encode("HELLO", {
-            "v": PROTOCOL_VERSION, "run": self.plan.run_id, "plan": self.plan.digest, "fragment": f.index,
-            "first_layer": f.first_layer, "last_layer": f.last_layer, "pid": os.getpid()}))
+        sock.send_multipart(self._hello_frames())
         self.log.info("agent.hello", endpoint=self.endpoint, layers=f.label, nbytes=f.nbytes)
         welcome = self._await_welcome(sock)
         if isinstance(welcome, int):
@@ -154,6 +158,13 @@ class Agent:
                 continue
             if msg.kind == "WELCOME":
                 return msg
+            if msg.kind == "REJECT" and msg.header.get("retry") is True:
+                # Our fragment is still held by a predecessor the coordinator has not yet declared
+                # dead: ask again after a heartbeat.
+                self.log.info("agent.retry_hello", **msg.header)
+                time.sleep(self.heartbeat_s)
+                sock.send_multipart(self._hello_frames())
+                continue
             if msg.kind == "REJECT":
                 self.log.error("agent.rejected", **msg.header)
                 return EXIT_REJECTED

@@ -32,6 +32,19 @@ def _simulate_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, default=2, help="torch threads in baseline and coordinator (must match)")
     p.add_argument("--run-dir", help="run directory (default artifacts/runs/<run id>)")
     p.add_argument("--artifacts", default="artifacts", help="artifacts root (default ./artifacts)")
+    faults = p.add_argument_group("fault injection")
+    faults.add_argument("--kill", action="append", default=[], metavar="FRAG@FRACTION",
+                        help="SIGKILL that fragment's agent once FRACTION of its bytes arrived (0 = right after "
+                             "HELLO, 1 = after the last chunk, before commit; 'start' = before HELLO); repeatable")
+    faults.add_argument("--kill-random", type=int, default=0, metavar="N",
+                        help="N kills at random fragments and fractions, reproducible with --seed")
+    faults.add_argument("--respawn", action="store_true", help="start a killed agent again; it resumes")
+    faults.add_argument("--respawn-delay", type=float, default=0.0, metavar="SECONDS")
+    faults.add_argument("--kill-coordinator", metavar="FRACTION",
+                        help="SIGKILL the coordinator once FRACTION of all bytes arrived ('reassembly': during "
+                             "the first reassembly)")
+    faults.add_argument("--resume", action="store_true",
+                        help="after --kill-coordinator, start a new coordinator on the same run at once")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -46,10 +59,15 @@ def main(argv: list[str] | None = None) -> int:
 
     _simulate_parser(sub)
 
+    p = sub.add_parser("resume", help="continue a run whose coordinator was killed (or that ended incomplete)")
+    p.add_argument("run_dir")
+    p.add_argument("--no-respawn", action="store_true", help="do not respawn agents killed from now on")
+
     p = sub.add_parser("serve", help="run the coordinator for an existing run directory (started by simulate)")
     p.add_argument("--run-dir", required=True)
     p.add_argument("--bind", default="tcp://127.0.0.1:0", help="endpoint to bind (default loopback, free port)")
     p.add_argument("--control-stdin", action="store_true", help="read launcher control lines on stdin")
+    p.add_argument("--faults", help="fault-injection points as JSON (set by simulate)")
 
     p = sub.add_parser("agent", help="run one fragment agent (same as python -m agents run)")
     p.add_argument("--run-dir", required=True)
@@ -80,10 +98,14 @@ def main(argv: list[str] | None = None) -> int:
 
             opts = SimulateOptions(**{k: v for k, v in vars(args).items() if k != "command"})
             return run_simulation(opts)
+        if args.command == "resume":
+            from coordinator.simulate import resume_run
+
+            return resume_run(Path(args.run_dir), respawn=not args.no_respawn)
         if args.command == "serve":
             from coordinator.server import serve
 
-            return serve(args.run_dir, args.bind, args.control_stdin)
+            return serve(args.run_dir, args.bind, args.control_stdin, args.faults)
         if args.command == "agent":
             from agents.agent import main_agent
 

@@ -117,8 +117,9 @@ class Core:
         if state.status == COMMITTED:
             return self._reject(ev.peer, "HELLO.fragment", index, "a fragment not yet committed (it is committed)")
         if state.status in (LIVE, VERIFYING) and state.peer is not None:
+            # Retryable: a respawned agent can arrive before its dead predecessor is noticed.
             return self._reject(ev.peer, "HELLO.fragment", index,
-                                f"a fragment without a live agent (peer {state.peer} holds it)")
+                                f"a fragment without a live agent (peer {state.peer} holds it)", retry=True)
         peer.fragment, peer.pid = index, h["pid"]
         state.peer = ev.peer
         state.attempts += 1
@@ -325,6 +326,10 @@ class Core:
         # The prefix is rebuilt (and re-evaluated) from what survived, as one arrival per committed fragment.
         for index in sorted(ev.committed):
             actions += self._arrive(index)
+        for index, state in enumerate(self.fragments):
+            if state.status == WAITING and state.missing == 0:  # killed between last piece and commit
+                state.status = VERIFYING
+                actions.append(Verify(index))
         return actions
 
     def _on_end_of_agents(self, ev: EndOfAgents) -> list[Any]:
@@ -349,14 +354,16 @@ class Core:
                 want.append([item, want_ranges(missing)])
         return want
 
-    def _reject(self, peer_name: str, fld: str, value: Any, expected: str, *, fatal: bool = True) -> list[Any]:
+    def _reject(self, peer_name: str, fld: str, value: Any, expected: str, *, fatal: bool = True,
+                retry: bool = False) -> list[Any]:
         peer = self.peers[peer_name]
-        peer.strikes += 1
+        if not retry:  # waiting politely for a fragment is not misbehaviour
+            peer.strikes += 1
         if peer.strikes >= self.settings.max_strikes:
             peer.banned = True
         return [Send(peer_name, "REJECT", {"reason": f"{fld}: got {value!r}, expected {expected}", "field": fld,
                                            "value": value if isinstance(value, (int, str, type(None))) else repr(value),
-                                           "expected": expected, "fatal": fatal})]
+                                           "expected": expected, "fatal": fatal, "retry": retry})]
 
     def fragment_stats(self) -> list[dict[str, Any]]:
         out = []

@@ -51,10 +51,12 @@ class Reassembler:
         self.arrivals.append(row)
         self.progress("arrival", **row)
 
-    def reassemble(self, action: Reassemble) -> None:
+    def reassemble(self, action: Reassemble, before_evaluation: Any = None) -> None:
         t0 = time.perf_counter()
         rel = write_snapshot(self.box, self.plan, action.checkpoint, action.layers, action.fragments)
         t1 = time.perf_counter()
+        if before_evaluation is not None:
+            before_evaluation()
         if self.live.model is None:
             self.live.start(self.box.resolve(rel), action.layers)
             generate(self.live.model, self.live.tokenizer, self.run["prompt"], 2)  # warm-up, as the baseline had

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import sys
 import threading
 import time
@@ -50,7 +51,8 @@ class Progress:
 
 class CoordinatorServer:
     def __init__(self, run_dir: Path, *, bind: str = "tcp://127.0.0.1:0", settings: CoreSettings | None = None,
-                 progress: Progress | None = None, control_fd: int | None = None) -> None:
+                 progress: Progress | None = None, control_fd: int | None = None,
+                 faults: dict[str, Any] | None = None) -> None:
         self.run_dir = run_dir.resolve()
         self.plan = Plan.loads((self.run_dir / "plan.json").read_bytes())
         # Quota: what the plan says will arrive, three times over for fragments + snapshots'
@@ -64,6 +66,12 @@ class CoordinatorServer:
         self.store = FragmentStore(self.box, self.plan)
         self.progress = progress or Progress()
         self.control_fd = control_fd
+        self._control_buf = b""
+        # Fault injection (launcher-driven): at these points the loop stops and waits for the
+        # launcher to SIGKILL the target from outside, so a kill lands exactly where asked.
+        faults = faults or {}
+        self.agent_kills = sorted((int(f), float(x)) for f, x in faults.get("kills", []))
+        self.coordinator_kill = faults.get("kill_coordinator")
         self.bind = bind
         self.payloads: dict[tuple[int, int], memoryview] = {}
         self.outcome: Finish | None = None
@@ -195,13 +203,63 @@ class CoordinatorServer:
             if peer in self.core.peers and not _alive(pid):
                 self.step(AgentExited(time.monotonic(), pid))
 
+    def _control_lines(self, timeout: float) -> list[str] | None:
+        """Complete lines from the launcher; None once it closed the channel."""
+        assert self.control_fd is not None
+        ready, _, _ = select.select([self.control_fd], [], [], timeout)
+        if not ready:
+            return []
+        data = os.read(self.control_fd, 4096)
+        if not data:
+            return None
+        self._control_buf += data
+        *lines, self._control_buf = self._control_buf.split(b"\n")
+        return [line.decode(errors="replace").strip() for line in lines]
+
     def _control(self) -> None:
-        line = os.read(self.control_fd, 4096) if self.control_fd is not None else b""
-        if not line or b"end" in line:
-            reason = "launcher closed control" if not line else line.decode(errors="replace").strip()
-            self.step(EndOfAgents(time.monotonic(), reason))
-            if not line and self.control_fd is not None:
-                self.control_fd = None
+        lines = self._control_lines(0)
+        if lines is None:
+            self.control_fd = None
+            self.step(EndOfAgents(time.monotonic(), "launcher closed control"))
+            return
+        for line in lines:
+            if line.startswith("end"):
+                self.step(EndOfAgents(time.monotonic(), line))
+
+    def _kill_barrier(self, **point: Any) -> None:
+        """Announce a kill point and wait until the launcher has killed the target."""
+        if self.control_fd is None:
+            return
+        self.log.warning("fault.kill_point", **point)
+        self.progress("kill_point", **point)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            lines = self._control_lines(deadline - time.monotonic())
+            if lines is None or "killed" in (lines or []):
+                self.log.warning("fault.killed", **point)
+                return
+
+    def _check_agent_kills(self, fragment: int) -> None:
+        state = self.core.fragments[fragment]
+        fraction = state.received_bytes / max(1, self.plan.fragments[fragment].nbytes)
+        for point in [p for p in self.agent_kills if p[0] == fragment and fraction >= p[1]]:
+            self.agent_kills.remove(point)
+            self._kill_barrier(target="agent", fragment=fragment, fraction=point[1], pid=self._pid_of(fragment),
+                               received=state.received_bytes)
+
+    def _check_coordinator_kill(self, stage: str) -> None:
+        at = self.coordinator_kill
+        if at is None:
+            return
+        received = sum(f.received_bytes for f in self.core.fragments)
+        if (at == "reassembly" and stage == "reassembly") or (
+                isinstance(at, (int, float)) and stage == "bytes" and received >= at * self.plan.nbytes):
+            self.coordinator_kill = None
+            self._kill_barrier(target="coordinator", at=at, stage=stage, pid=os.getpid(), received=received)
+
+    def _pid_of(self, fragment: int) -> int | None:
+        peer = self.core.fragments[fragment].peer
+        return self.pids.get(peer) if peer else None
 
     def _bound_peers(self) -> list[str]:
         return [name for name, p in self.core.peers.items() if p.fragment is not None]
@@ -231,9 +289,12 @@ class CoordinatorServer:
                               attempt=self.core.fragments[fragment].attempts,
                               received=self.core.fragments[fragment].received_bytes,
                               total=self.plan.fragments[fragment].nbytes)
+                self._check_agent_kills(fragment)
         elif isinstance(action, Write):
             self.store.write(action.fragment, action.item, action.piece, self.payloads[(action.item, action.piece)])
             self._report_bytes(action.fragment)
+            self._check_agent_kills(action.fragment)
+            self._check_coordinator_kill("bytes")
         elif isinstance(action, Verify):
             started = time.perf_counter()
             bad = self.store.verify(action.fragment)
@@ -248,7 +309,7 @@ class CoordinatorServer:
             self.log.info("prefix.arrival", **action.to_dict())
             self.reassembler.record_arrival(action)
         elif isinstance(action, Reassemble):
-            self.reassembler.reassemble(action)
+            self.reassembler.reassemble(action, before_evaluation=lambda: self._check_coordinator_kill("reassembly"))
         elif isinstance(action, AgentDead):
             self.pids.pop(action.peer, None)
             self.log.warning("agent.dead", peer=action.peer, fragment=action.fragment, reason=action.reason)
@@ -282,6 +343,7 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def serve(run_dir: str, bind: str, control_stdin: bool) -> int:
-    server = CoordinatorServer(Path(run_dir), bind=bind, control_fd=sys.stdin.fileno() if control_stdin else None)
+def serve(run_dir: str, bind: str, control_stdin: bool, faults: str | None = None) -> int:
+    server = CoordinatorServer(Path(run_dir), bind=bind, control_fd=sys.stdin.fileno() if control_stdin else None,
+                               faults=json.loads(faults) if faults else None)
     return server.run()

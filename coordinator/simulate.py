@@ -7,11 +7,12 @@ import json
 import os
 import queue
 import secrets
+import signal
 import subprocess
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -20,14 +21,16 @@ from rich.markup import escape
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 from rich.table import Table
 
+from agents.faults import START, parse_coordinator_kill, parse_kill, random_kills
 from agents.launcher import AgentLauncher, launch_order
 from agents.planner import make_plan
 from agents.source import SourceCheckpoint
 from coordinator.results import CHECKPOINT_HEADERS, checkpoint_rows
 from protocol.layers import parse_ranges, split_layers
+from protocol.plan import Plan
 from sandbox import Sandbox
 
-EXIT_OK, EXIT_MISMATCH, EXIT_USAGE, EXIT_INCOMPLETE, EXIT_FAILED = 0, 1, 2, 3, 4
+EXIT_OK, EXIT_MISMATCH, EXIT_USAGE, EXIT_INCOMPLETE, EXIT_FAILED, EXIT_COORDINATOR_KILLED = 0, 1, 2, 3, 4, 5
 READY_TIMEOUT_S = 180.0
 
 
@@ -47,6 +50,12 @@ class SimulateOptions:
     artifacts: str = "artifacts"
     threads: int = 2
     piece_size: int = 2 * 1024 * 1024
+    kill: list[str] = field(default_factory=list)
+    kill_random: int = 0
+    respawn: bool = False
+    respawn_delay: float = 0.0
+    kill_coordinator: str | None = None
+    resume: bool = False
 
 
 def resolve_source(opts: SimulateOptions, console: Console) -> tuple[Path, str]:
@@ -65,10 +74,11 @@ def resolve_source(opts: SimulateOptions, console: Console) -> tuple[Path, str]:
 class CoordinatorProcess:
     """The coordinator as a child process: progress JSON on its stdout, control on its stdin."""
 
-    def __init__(self, run_dir: Path, box: Sandbox) -> None:
+    def __init__(self, run_dir: Path, box: Sandbox, faults: dict[str, Any] | None = None) -> None:
         stderr = box.open_append("logs/coordinator.stderr")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "coordinator", "serve", "--run-dir", str(run_dir), "--control-stdin"],
+            [sys.executable, "-m", "coordinator", "serve", "--run-dir", str(run_dir), "--control-stdin",
+             "--faults", json.dumps(faults or {})],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr, text=True, bufsize=1,
             env={**os.environ, "PYTHONUNBUFFERED": "1"})
         stderr.close()
@@ -157,6 +167,7 @@ def plan_run(opts: SimulateOptions, source_dir: Path, model_name: str) -> Prepar
         num_layers = int(source.config.get("num_hidden_layers", 0))
         ranges = parse_ranges(opts.ranges, num_layers) if opts.ranges else split_layers(num_layers, opts.fragments)
         order = launch_order(opts.order, len(ranges), opts.seed)
+        run_faults(opts, len(ranges))
         run_id = new_run_id()
         run_dir = Path(opts.run_dir or Path(opts.artifacts) / "runs" / run_id).resolve()
         box = Sandbox(run_dir, create=True)
@@ -171,41 +182,240 @@ def plan_run(opts: SimulateOptions, source_dir: Path, model_name: str) -> Prepar
     return PreparedRun(run_dir, box, plan, order, source_dir)
 
 
-def execute_run(opts: SimulateOptions, run: PreparedRun, console: Console) -> tuple[int, dict[str, Any] | None]:
+def execute_run(opts: SimulateOptions, run: PreparedRun, console: Console, *,
+                with_baseline: bool = True) -> tuple[int, dict[str, Any] | None]:
     """Start the coordinator, record the baseline, launch agents in order; (exit code, results)."""
     from coordinator.baseline import SourceModel  # torch: imported while the coordinator starts
 
-    coordinator = CoordinatorProcess(run.run_dir, run.box)
-    launcher: AgentLauncher | None = None
+    faults = run_faults(opts, len(run.plan.fragments))
+    driver = Driver(opts, run, console, faults)
     try:
-        with console.status("baseline: loading the full source model"):
-            source_model = SourceModel(run.source_dir, opts.threads)
-            endpoint = _await_ready(coordinator)
-        with console.status("baseline: evaluating the full source model"):
-            base = source_model.record(run.box, opts.prompt, opts.max_new_tokens)
-        del source_model
-        console.print(f"baseline ({run.plan.num_layers} layers): {escape(repr(base['text']))} ({base['seconds']:.2f}s)")
-        launcher = AgentLauncher(run.run_dir, endpoint)
+        driver.start_coordinator()
+        if with_baseline:
+            with console.status("baseline: loading the full source model"):
+                source_model = SourceModel(run.source_dir, opts.threads)
+                driver.await_ready()
+            with console.status("baseline: evaluating the full source model"):
+                base = source_model.record(run.box, opts.prompt, opts.max_new_tokens)
+            del source_model
+            console.print(f"baseline ({run.plan.num_layers} layers): {escape(repr(base['text']))} "
+                          f"({base['seconds']:.2f}s)")
+        else:
+            driver.await_ready()
         with LiveView(console, run.plan) as view:
-            outcome = _drive(opts, run.order, coordinator, launcher, view)
-        code = coordinator.proc.wait(timeout=60)
-    except BaseException:
-        coordinator.proc.kill()
-        if launcher:
-            for fragment in list(launcher.procs):
-                launcher.kill(fragment)
-        raise
+            driver.view = view
+            outcome = driver.drive()
     finally:
-        if launcher:
-            launcher.stop_all()
+        driver.shutdown()
+    if outcome == "coordinator killed":
+        console.print(f"[bold red]the coordinator was killed[/]; continue with: fragsim resume {run.run_dir}")
+        return EXIT_COORDINATOR_KILLED, None
+    code = driver.coordinator_code
     results_path = run.run_dir / "results.json"
     if not results_path.exists():
         console.print(f"[red]the coordinator exited with {code} and wrote no results[/]; see {run.run_dir}/logs/")
         return EXIT_FAILED, None
     results = json.loads(results_path.read_text())
+    results["launcher"] = driver.record()
+    run.box.write_json("launcher.json", results["launcher"])
     if outcome == "incomplete" or code == EXIT_INCOMPLETE:
         return EXIT_INCOMPLETE, results
     return (EXIT_OK if code == 0 and results["final_matches_baseline"] else EXIT_MISMATCH), results
+
+
+def run_faults(opts: SimulateOptions, fragments: int) -> dict[str, Any]:
+    kills = [parse_kill(spec, fragments) for spec in opts.kill]
+    kills += random_kills(opts.kill_random, fragments, opts.seed)
+    return {"kills": kills, "kill_coordinator": parse_coordinator_kill(opts.kill_coordinator)}
+
+
+class Driver:
+    """The launcher's loop: start agents in order, react to the coordinator's progress, carry
+    out kills from outside the target process, respawn, and replace a killed coordinator."""
+
+    def __init__(self, opts: SimulateOptions, run: PreparedRun, console: Console, faults: dict[str, Any]) -> None:
+        self.opts, self.run, self.console = opts, run, console
+        self.start_kills = [f for f, x in faults["kills"] if x == START]
+        self.coordinator_faults = {"kills": [[f, x] for f, x in faults["kills"] if x != START],
+                                   "kill_coordinator": faults["kill_coordinator"]}
+        self.view: LiveView | None = None
+        self.coordinator: CoordinatorProcess | None = None
+        self.launcher: AgentLauncher | None = None
+        self.committed: set[int] = {i for i in range(len(run.plan.fragments))
+                                    if run.box.exists(f"quorum/fragment_{i:02d}")}
+        self.pending = [f for f in run.order if f not in self.committed]
+        self.started: list[int] = []
+        self.waiting_for: int | None = None
+        self.respawn_at: dict[int, float] = {}
+        self.given_up: set[int] = set()
+        self.kills: list[dict[str, Any]] = []
+        self.resumes = 0
+        self.coordinator_code: int | None = None
+        self.asked_to_end = False
+        self.early: list[dict[str, Any]] = []
+
+    # ---- processes -------------------------------------------------------------------
+
+    def start_coordinator(self) -> None:
+        self.coordinator = CoordinatorProcess(self.run.run_dir, self.run.box, self.coordinator_faults)
+
+    def await_ready(self) -> None:
+        assert self.coordinator is not None
+        endpoint = _await_ready(self.coordinator, self.early)
+        if self.launcher is None:
+            self.launcher = AgentLauncher(self.run.run_dir, endpoint)
+        self.launcher.endpoint = endpoint
+
+    def spawn(self, fragment: int) -> None:
+        assert self.launcher is not None
+        self.launcher.spawn(fragment)
+        if fragment not in self.started:
+            self.started.append(fragment)
+        if fragment in self.start_kills:  # before HELLO: the process has not even imported zmq yet
+            self.start_kills.remove(fragment)
+            self.kill_agent(fragment, "start")
+
+    def kill_agent(self, fragment: int, fraction: Any) -> None:
+        assert self.launcher is not None
+        proc = self.launcher.procs[fragment]
+        self.launcher.kill(fragment)
+        self.kills.append({"target": "agent", "fragment": fragment, "fraction": fraction, "pid": proc.pid,
+                           "t": time.time()})
+        self.say(f"[red]SIGKILL[/] agent {fragment} (pid {proc.pid}) at {fraction}")
+        if self.opts.respawn:
+            self.respawn_at[fragment] = time.monotonic() + self.opts.respawn_delay
+        else:
+            self.given_up.add(fragment)
+            if self.waiting_for == fragment:
+                self.waiting_for = None
+
+    def kill_coordinator(self, point: dict[str, Any]) -> bool:
+        """SIGKILL the coordinator; with --resume start a new one on the same run. True if resumed."""
+        assert self.coordinator is not None and self.launcher is not None
+        self.coordinator.proc.kill()
+        self.coordinator.proc.wait()
+        self.kills.append({"target": "coordinator", "at": point.get("at"), "stage": point.get("stage"),
+                           "pid": point.get("pid"), "t": time.time()})
+        self.say(f"[red]SIGKILL[/] coordinator (pid {point.get('pid')}) at {point.get('at')}")
+        # Agents of a dead coordinator are orphans: stop them; they are respawned against the new one.
+        for fragment in list(self.launcher.procs):
+            self.launcher.kill(fragment)
+        if not self.opts.resume:
+            return False
+        self.resumes += 1
+        self.coordinator_faults = {"kills": self.coordinator_faults["kills"], "kill_coordinator": None}
+        self.start_coordinator()
+        self.await_ready()
+        self.say(f"coordinator resumed from the sandbox (resume {self.resumes})")
+        for fragment in self.started:
+            if fragment not in self.committed and fragment not in self.given_up:
+                self.respawn_at[fragment] = time.monotonic()
+        return True
+
+    def say(self, text: str) -> None:
+        self.console.print(text)
+
+    # ---- the loop --------------------------------------------------------------------
+
+    def drive(self) -> str:
+        assert self.coordinator is not None and self.launcher is not None
+        next_launch = time.monotonic()
+        while True:
+            now = time.monotonic()
+            if self.pending and self.waiting_for is None and now >= next_launch:
+                fragment = self.pending.pop(0)
+                if not self.opts.parallel:
+                    self.waiting_for = fragment
+                self.spawn(fragment)
+                next_launch = now + self.opts.stagger
+            for fragment, when in list(self.respawn_at.items()):
+                if now >= when:
+                    del self.respawn_at[fragment]
+                    if fragment not in self.committed:
+                        self.say(f"respawning agent {fragment}")
+                        self.spawn(fragment)
+            ev = self.early.pop(0) if self.early else self.coordinator.next_event(0.05)
+            if ev is None:
+                self.coordinator_code = self.coordinator.proc.wait()
+                return "coordinator exited"
+            kind = ev.get("progress")
+            if self.view is not None:
+                self.view.show(ev)
+            if kind == "kill_point" and ev["target"] == "agent":
+                self.kill_agent(ev["fragment"], ev["fraction"])
+                self.coordinator.control("killed")
+            elif kind == "kill_point" and ev["target"] == "coordinator":
+                if not self.kill_coordinator(ev):
+                    return "coordinator killed"
+            elif kind in ("committed", "arrival"):
+                fragment = ev["fragment"]
+                self.committed.add(fragment)
+                self.respawn_at.pop(fragment, None)
+                if self.waiting_for == fragment:
+                    self.waiting_for = None
+                    next_launch = time.monotonic() + self.opts.stagger
+            elif kind == "finished":
+                self.coordinator_code = self.coordinator.proc.wait(timeout=60)
+                return "complete" if ev["complete"] else "incomplete"
+            self._notice_exits()
+            if (not self.pending and self.waiting_for is None and not self.respawn_at and not self.asked_to_end
+                    and all(self.launcher.exited(f) is not None for f in self.launcher.procs)
+                    and len(self.committed) < len(self.run.plan.fragments)):
+                # Nobody left to deliver the missing fragments: finish with the longest prefix.
+                self.coordinator.control("end: every agent has exited")
+                self.asked_to_end = True
+
+    def _notice_exits(self) -> None:
+        assert self.launcher is not None
+        for fragment, proc in self.launcher.procs.items():
+            rc = proc.poll()
+            if rc is None or rc == 0 or fragment in self.committed or fragment in self.given_up:
+                continue
+            if rc == -signal.SIGKILL and (fragment in self.respawn_at):
+                continue  # our own kill, respawn already scheduled
+            self.given_up.add(fragment)
+            self.say(f"[red]agent {fragment} exited with status {rc}[/] (logs/agent_{fragment:02d}.*)")
+            if self.waiting_for == fragment:
+                self.waiting_for = None
+
+    def shutdown(self) -> None:
+        if self.launcher:
+            self.launcher.stop_all()
+        if self.coordinator and self.coordinator.proc.poll() is None:
+            try:
+                self.coordinator.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.coordinator.proc.kill()
+                self.coordinator.proc.wait()
+            self.coordinator_code = self.coordinator.proc.returncode
+        if self.coordinator and self.coordinator_code is None:
+            self.coordinator_code = self.coordinator.proc.returncode
+
+    def record(self) -> dict[str, Any]:
+        assert self.launcher is not None
+        return {"kills": self.kills, "resumes": self.resumes, "agent_attempts": dict(self.launcher.attempts),
+                "faults": {"kills": [list(k) for k in self.coordinator_faults["kills"]] +
+                           [[f, START] for f in self.start_kills]}}
+
+
+def resume_run(run_dir: Path, console: Console | None = None, *, respawn: bool = True) -> int:
+    """Continue a run whose coordinator died: its sandbox holds everything verified so far."""
+    console = console or Console()
+    box = Sandbox(run_dir)
+    plan = Plan.loads(box.read_bytes("plan.json"))
+    saved = json.loads(box.read_bytes("run.json"))
+    known = {f.name for f in fields(SimulateOptions)}
+    opts = SimulateOptions(**{k: v for k, v in saved.items() if k in known and k != "order"})
+    opts.kill, opts.kill_random, opts.kill_coordinator, opts.respawn = [], 0, None, respawn
+    if box.exists("results.json") and json.loads(box.read_bytes("results.json")).get("final_matches_baseline"):
+        console.print(f"{run_dir}: already complete and matching the baseline; nothing to resume")
+        return EXIT_OK
+    run = PreparedRun(run_dir.resolve(), box, plan, list(saved["order"]), Path(saved["source_dir"]))
+    console.print(f"resuming run [bold]{plan.run_id}[/] in {run.run_dir}")
+    code, results = execute_run(opts, run, console, with_baseline=False)
+    if results is not None:
+        print_summary(console, results, run.run_dir)
+    return code
 
 
 def run_simulation(opts: SimulateOptions, console: Console | None = None) -> int:
@@ -225,7 +435,8 @@ def run_simulation(opts: SimulateOptions, console: Console | None = None) -> int
     return code
 
 
-def _await_ready(coordinator: CoordinatorProcess) -> str:
+def _await_ready(coordinator: CoordinatorProcess, early: list[dict[str, Any]] | None = None) -> str:
+    """Wait for the coordinator's endpoint; events before it (a resumed run's restore) go to `early`."""
     deadline = time.monotonic() + READY_TIMEOUT_S
     while time.monotonic() < deadline:
         ev = coordinator.next_event(1.0)
@@ -234,48 +445,9 @@ def _await_ready(coordinator: CoordinatorProcess) -> str:
                                "see logs/coordinator.stderr in the run directory")
         if ev.get("progress") == "ready":
             return ev["endpoint"]
+        if early is not None and ev.get("progress") != "idle":
+            early.append(ev)
     raise RuntimeError(f"the coordinator was not ready within {READY_TIMEOUT_S}s")
-
-
-def _drive(opts: SimulateOptions, order: list[int], coordinator: CoordinatorProcess, launcher: AgentLauncher,
-           view: LiveView) -> str:
-    committed: set[int] = set()
-    reported: set[int] = set()
-    pending = list(order)
-    waiting_for: int | None = None
-    next_launch = time.monotonic()
-    while True:
-        now = time.monotonic()
-        if pending and waiting_for is None and now >= next_launch:
-            fragment = pending.pop(0)
-            launcher.spawn(fragment)
-            if not opts.parallel:
-                waiting_for = fragment
-            next_launch = now + opts.stagger
-        ev = coordinator.next_event(0.05)
-        if ev is None:
-            return "coordinator exited"
-        kind = ev.get("progress")
-        view.show(ev)
-        if kind == "committed":
-            committed.add(ev["fragment"])
-            if waiting_for == ev["fragment"]:
-                waiting_for = None
-                next_launch = time.monotonic() + opts.stagger
-        elif kind == "finished":
-            return "complete" if ev["complete"] else "incomplete"
-        # An agent that exits without its fragment committed will not come back in this run.
-        for fragment, proc in launcher.procs.items():
-            rc = proc.poll()
-            if rc is not None and rc != 0 and fragment not in committed and fragment not in reported:
-                reported.add(fragment)
-                view.console.print(f"[red]agent {fragment} exited with status {rc}[/] (logs/agent_{fragment:02d}.*)")
-                if waiting_for == fragment:
-                    waiting_for = None
-        if not pending and waiting_for is None and all(
-                launcher.exited(f) is not None for f in launcher.procs) and len(committed) < len(order):
-            coordinator.control("end: every agent has exited")
-            waiting_for = -1  # ask once
 
 
 def print_summary(console: Console, results: dict[str, Any], run_dir: Path) -> None:

@@ -65,3 +65,44 @@ def simulate(model: Path, run_dir: Path, **options: Any) -> SimulationResult:
 
 def _tail(path: Path, lines: int = 30) -> str:
     return "\n".join(path.read_text().splitlines()[-lines:]) if path.exists() else ""
+
+
+class StandaloneCoordinator:
+    """A coordinator process for a planned run (baseline recorded), for tests that talk to it
+    directly over a real socket, like a hand-made agent would."""
+
+    def __init__(self, model: Path, run_dir: Path, **options: Any) -> None:
+        from coordinator.baseline import SourceModel
+        from coordinator.simulate import CoordinatorProcess, SimulateOptions, _await_ready, plan_run
+
+        self.opts = SimulateOptions(model=str(model), run_dir=str(run_dir), threads=1, **options)
+        self.run = plan_run(self.opts, model, model.name)
+        SourceModel(model, 1).record(self.run.box, self.opts.prompt, self.opts.max_new_tokens)
+        self.process = CoordinatorProcess(self.run.run_dir, self.run.box)
+        self.endpoint = _await_ready(self.process)
+
+    @property
+    def plan(self) -> Any:
+        return self.run.plan
+
+    def events_until(self, kind: str, timeout: float = 60.0) -> list[dict[str, Any]]:
+        import time
+
+        seen = []
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            ev = self.process.next_event(0.5)
+            if ev is None:
+                break
+            seen.append(ev)
+            if ev.get("progress") == kind:
+                return seen
+        raise AssertionError(f"no {kind!r} progress event; saw {[e.get('progress') for e in seen]}")
+
+    def close(self) -> int:
+        self.process.control("end: test over")
+        try:
+            return self.process.proc.wait(timeout=60)
+        finally:
+            if self.process.proc.poll() is None:
+                self.process.proc.kill()
