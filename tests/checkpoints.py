@@ -138,3 +138,12 @@ def _shard_size(model: LlamaForCausalLM) -> int:
     # which cannot be split across shards.
     sizes = [p.numel() * p.element_size() for p in model.parameters()]
     return max(sum(sizes) // 3, max(sizes))
+
+
+if __name__ == "__main__":  # `python tests/checkpoints.py DIR [LAYERS]`: a tiny model for soaks and demos
+    import sys
+
+    target = Path(sys.argv[1])
+    if not (target / "config.json").exists():
+        make_tiny_llama(target, num_layers=int(sys.argv[2]) if len(sys.argv) > 2 else 8)
+    print(target)
