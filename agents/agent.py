@@ -16,7 +16,7 @@ from typing import Any
 
 import zmq
 
-from agents.eventlog import log_start, open_event_log
+from agents.eventlog import log_start, open_event_log, open_log_file
 from agents.source import SourceCheckpoint
 from protocol.errors import ProtocolError
 from protocol.messages import decode_from_coordinator, encode, expand_want
@@ -176,10 +176,10 @@ def main_agent(run_dir: str, fragment: int, endpoint: str) -> int:
     root = Path(run_dir).resolve()
     box = Sandbox(root)
     box.mkdir("logs")
-    stream = box.open_append(f"logs/agent_{fragment:02d}.jsonl")
-    plan_run = Plan.loads((root / "plan.json").read_bytes()).run_id
-    log = open_event_log(stream, run_id=plan_run, role="agent", fragment=fragment)
-    log_start(log, pid=os.getpid(), endpoint=endpoint)
+    stream = open_log_file(box, f"logs/agent_{fragment:02d}.jsonl")
+    plan = Plan.loads((root / "plan.json").read_bytes())
+    log = open_event_log(stream, run_id=plan.run_id, role="agent", fragment=fragment)
+    log_start(log, pid=os.getpid(), endpoint=endpoint, plan_digest=plan.digest)
     try:
         agent = Agent(root, fragment, endpoint, log=log)
     except (ValueError, OSError) as exc:

@@ -1,7 +1,9 @@
 """Structured JSON-lines event logs, one file per process under the run's logs/.
 
-Every line carries ISO wall time, monotonic time, run id, role and fragment, so logs of
-different processes merge by time and a replay can rebuild the run from them alone.
+Every line carries ISO wall time, monotonic time (system-wide on Linux, so logs of different
+processes merge by it), run id, role and fragment. Lines are numbered (`seq`) and chained:
+`prev` is the BLAKE3 of the previous line this process wrote, so a removed or edited line
+is found exactly where it happened. A replay rebuilds the run from these files alone.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import time
 from typing import Any, TextIO
 
 import structlog
+from blake3 import blake3
 
 from protocol.version import PROTOCOL_VERSION
 
@@ -20,16 +23,32 @@ def _add_monotonic(_logger: Any, _name: str, event: dict[str, Any]) -> dict[str,
     return event
 
 
-def _dumps(obj: Any, **_kw: Any) -> str:
-    return json.dumps(obj, default=_default, separators=(",", ":"))
-
-
 def _default(value: Any) -> Any:
     if isinstance(value, (bytes, bytearray, memoryview)):
         return bytes(value[:64]).hex()
     if isinstance(value, (set, frozenset, tuple)):
         return list(value)
     return str(value)
+
+
+class ChainedJSONRenderer:
+    """Render one JSON line with its sequence number and the digest of the line before it."""
+
+    def __init__(self) -> None:
+        self.seq = 0
+        self.prev: str | None = None
+
+    def __call__(self, _logger: Any, _name: str, event: dict[str, Any]) -> str:
+        event["seq"] = self.seq
+        event["prev"] = self.prev
+        line = json.dumps(event, default=_default, separators=(",", ":"))
+        self.seq += 1
+        self.prev = line_digest(line)
+        return line
+
+
+def line_digest(line: str) -> str:
+    return blake3(line.encode()).hexdigest()[:32]
 
 
 def open_event_log(stream: TextIO, *, run_id: str, role: str, fragment: int | None = None,
@@ -41,11 +60,10 @@ def open_event_log(stream: TextIO, *, run_id: str, role: str, fragment: int | No
             structlog.processors.TimeStamper(fmt="iso", utc=True, key="time"),
             _add_monotonic,
             structlog.processors.format_exc_info,
-            structlog.processors.JSONRenderer(serializer=_dumps),
+            ChainedJSONRenderer(),
         ],
     )
-    bound = logger.bind(run=run_id, role=role, **({"fragment": fragment} if fragment is not None else {}), **context)
-    return bound
+    return logger.bind(run=run_id, role=role, **({"fragment": fragment} if fragment is not None else {}), **context)
 
 
 def log_start(log: Any, **fields: Any) -> None:
@@ -59,3 +77,15 @@ def log_start(log: Any, **fields: Any) -> None:
         except PackageNotFoundError:
             versions[package] = None
     log.info("process.start", protocol_version=PROTOCOL_VERSION, versions=versions, **fields)
+
+
+def open_log_file(box: Any, rel: str) -> TextIO:
+    """Append to a log; if a killed process left half a line, end it so ours starts clean."""
+    if box.exists(rel):
+        with box.open_read(rel) as handle:
+            dangling = handle.size > 0 and handle.read_at(handle.size - 1, 1) != b"\n"
+        stream = box.open_append(rel)
+        if dangling:
+            stream.write("\n")
+        return stream
+    return box.open_append(rel)

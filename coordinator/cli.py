@@ -63,6 +63,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("run_dir")
     p.add_argument("--no-respawn", action="store_true", help="do not respawn agents killed from now on")
 
+    p = sub.add_parser("replay", help="rebuild a run from its logs alone and check it against results.json")
+    p.add_argument("run_dir")
+    p.add_argument("--verify-model", action="store_true", help="also re-evaluate every reassembled snapshot")
+    p.add_argument("--timeline", action="store_true", help="an agent-by-agent timeline")
+    p.add_argument("--json", action="store_true", help="the rebuilt run as JSON")
+
     p = sub.add_parser("soak", help="many seeded runs with random kills; JSON figures")
     p.add_argument("--model", required=True, help="checkpoint dir (a tiny one: see make chaos-soak)")
     p.add_argument("--runs", type=int, default=50)
@@ -109,6 +115,8 @@ def main(argv: list[str] | None = None) -> int:
             from coordinator.simulate import resume_run
 
             return resume_run(Path(args.run_dir), respawn=not args.no_respawn)
+        if args.command == "replay":
+            return replay_command(args)
         if args.command == "soak":
             from coordinator.soak import soak
 
@@ -126,6 +134,41 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fragsim {args.command}: {exc}", file=sys.stderr)
         return 2
     return 2
+
+
+def replay_command(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from coordinator.replay import ReplayRefused, run_replay
+    from coordinator.replay_view import as_json, show, timeline, verify_model
+
+    console = Console()
+    try:
+        replay = run_replay(Path(args.run_dir))
+    except ReplayRefused as exc:
+        print(f"fragsim replay: refused: {exc}", file=sys.stderr)
+        return 2
+    if args.verify_model:
+        replay.differences += verify_model(replay, Console(stderr=True) if args.json else console)
+    if args.json:
+        print(as_json(replay))
+        return 0 if replay.agrees else 1
+    show(replay, console)
+    if args.timeline:
+        console.print()
+        for row in timeline(replay):
+            console.print(row, highlight=False, markup=False)
+    console.print()
+    for note in replay.notes:
+        console.print(f"[yellow]note[/]: {note}", markup=True, highlight=False)
+    if replay.agrees:
+        console.print(f"[bold green]replay agrees[/] with results.json: {len(replay.lines)} log lines, "
+                      f"{replay.segments} coordinator process(es), every core decision reproduced")
+        return 0
+    console.print(f"[bold red]replay disagrees[/]: {replay.differences[0]}")
+    for more in replay.differences[1:5]:
+        console.print(f"  also: {more}", markup=False)
+    return 1
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ import psutil
 import zmq
 from blake3 import blake3
 
-from agents.eventlog import log_start, open_event_log
+from agents.eventlog import log_start, open_event_log, open_log_file
 from coordinator.core import Core, CoreSettings
 from coordinator.events import (
     AgentDead, AgentExited, Arrival, Ban, Bye, Chunk, EndOfAgents, Finish, Forget, Heartbeat, Hello, Malformed,
@@ -59,7 +59,7 @@ class CoordinatorServer:
         # metadata + logs and results, and never more than that.
         self.box = Sandbox(self.run_dir, quota_bytes=3 * self.plan.nbytes + 256 * 1024 * 1024)
         self.box.mkdir("logs")
-        self.log = open_event_log(self.box.open_append("logs/coordinator.jsonl"), run_id=self.plan.run_id,
+        self.log = open_event_log(open_log_file(self.box, "logs/coordinator.jsonl"), run_id=self.plan.run_id,
                                   role="coordinator")
         self.settings = settings or CoreSettings()
         self.core = Core(self.plan, self.settings)
@@ -136,6 +136,9 @@ class CoordinatorServer:
         endpoint = self.open_socket()
         log_start(self.log, pid=os.getpid(), endpoint=endpoint, plan_digest=self.plan.digest,
                   settings=self.settings.__dict__)
+        # The plan itself, so that a replay needs nothing but the logs.
+        self.log.info("run.plan", plan=self.plan.to_json())
+        self.log.info("run.settings", settings=json.loads(self.box.read_bytes("run.json")))
         self.restore()
         self.progress("ready", endpoint=endpoint, pid=os.getpid())
         poller = zmq.Poller()
