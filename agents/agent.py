@@ -17,6 +17,7 @@ from typing import Any
 import zmq
 
 from agents.eventlog import log_start, open_event_log, open_log_file
+from agents.keys import configure_client
 from agents.source import SourceCheckpoint
 from protocol.errors import ProtocolError
 from protocol.messages import decode_from_coordinator, encode, expand_want
@@ -58,6 +59,7 @@ def check_source(fragment: Fragment, source: SourceCheckpoint) -> None:
 class Agent:
     def __init__(self, run_dir: Path, fragment_index: int, endpoint: str, *, log: Any,
                  heartbeat_s: float = HEARTBEAT_S, coordinator_dead_s: float = COORDINATOR_DEAD_S) -> None:
+        self.run_dir = run_dir
         self.plan = Plan.loads((run_dir / "plan.json").read_bytes())
         if not 0 <= fragment_index < len(self.plan.fragments):
             raise ValueError(f"--fragment {fragment_index}: expected 0..{len(self.plan.fragments) - 1}")
@@ -80,6 +82,9 @@ class Agent:
         ctx = zmq.Context.instance()
         sock = ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 2000)
+        curve = self.plan.extra.get("curve")
+        if curve:  # authenticated and encrypted: the coordinator admits only the plan's agent keys
+            configure_client(sock, self.run_dir, self.fragment.index, curve["coordinator"])
         sock.connect(self.endpoint)
         try:
             return self._session(sock)

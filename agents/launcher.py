@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 import random
+import resource
 import signal
 import subprocess
 import sys
@@ -33,10 +35,28 @@ def launch_order(spec: str, fragments: int, seed: int) -> list[int]:
     return order
 
 
+# An agent maps the source read-only and holds a few pieces in flight: its address space is
+# bounded at 2 GiB plus twice the source's size (mapping + page-table slack), set by the launcher.
+AGENT_BASE_AS = 2 * 1024**3
+
+
+def agent_memory_limit(run_dir: Path) -> int:
+    plan = json.loads((run_dir / "plan.json").read_text())
+    source = Path(plan["model"]["source_dir"])
+    return AGENT_BASE_AS + 2 * sum(p.stat().st_size for p in source.glob("*.safetensors"))
+
+
+def _limit_memory(limit: int):
+    def apply() -> None:  # runs in the child between fork and exec
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    return apply
+
+
 class AgentLauncher:
     def __init__(self, run_dir: Path, endpoint: str, *, python: str = sys.executable) -> None:
         self.run_dir = run_dir
         self.box = Sandbox(run_dir)
+        self.memory_limit = agent_memory_limit(run_dir)
         self.endpoint = endpoint
         self.python = python
         self.procs: dict[int, subprocess.Popen] = {}
@@ -49,6 +69,7 @@ class AgentLauncher:
             [self.python, "-m", "agents", "run", "--run-dir", str(self.run_dir), "--fragment", str(fragment),
              "--connect", self.endpoint],
             stdin=subprocess.DEVNULL, stdout=stderr, stderr=stderr, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            preexec_fn=_limit_memory(self.memory_limit),
         )
         stderr.close()
         self.procs[fragment] = proc

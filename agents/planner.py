@@ -15,7 +15,8 @@ Progress = Callable[[int, int], None]  # (bytes hashed so far, total bytes)
 
 
 def make_plan(source: SourceCheckpoint, ranges: list[LayerRange], *, run_id: str, model_name: str,
-              piece_size: int = DEFAULT_PIECE_SIZE, progress: Progress | None = None) -> Plan:
+              piece_size: int = DEFAULT_PIECE_SIZE, progress: Progress | None = None,
+              extra: dict | None = None) -> Plan:
     config = source.config
     num_layers = int(config.get("num_hidden_layers", 0))
     check_ranges(ranges, num_layers)
@@ -69,7 +70,7 @@ def make_plan(source: SourceCheckpoint, ranges: list[LayerRange], *, run_id: str
         "num_parameters": sum(_numel(loc.shape) for loc in source.tensors.values()),
         "config": config,
     }
-    return Plan(run_id=run_id, model=model, piece_size=piece_size, fragments=tuple(fragments))
+    return Plan(run_id=run_id, model=model, piece_size=piece_size, fragments=tuple(fragments), extra=extra or {})
 
 
 def _tensor_order(loc: TensorLocation) -> tuple[int, int, str]:

@@ -32,6 +32,8 @@ def _simulate_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, default=2, help="torch threads in baseline and coordinator (must match)")
     p.add_argument("--run-dir", help="run directory (default artifacts/runs/<run id>)")
     p.add_argument("--artifacts", default="artifacts", help="artifacts root (default ./artifacts)")
+    p.add_argument("--bind", default="tcp://127.0.0.1:0",
+                   help="coordinator endpoint (default loopback, a free port); another address only when asked")
     faults = p.add_argument_group("fault injection")
     faults.add_argument("--kill", action="append", default=[], metavar="FRAG@FRACTION",
                         help="SIGKILL that fragment's agent once FRACTION of its bytes arrived (0 = right after "
@@ -81,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bind", default="tcp://127.0.0.1:0", help="endpoint to bind (default loopback, free port)")
     p.add_argument("--control-stdin", action="store_true", help="read launcher control lines on stdin")
     p.add_argument("--faults", help="fault-injection points as JSON (set by simulate)")
+    p.add_argument("--quota-bytes", type=int, help="byte quota of the run directory (default: derived from the plan)")
 
     p = sub.add_parser("agent", help="run one fragment agent (same as python -m agents run)")
     p.add_argument("--run-dir", required=True)
@@ -125,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "serve":
             from coordinator.server import serve
 
-            return serve(args.run_dir, args.bind, args.control_stdin, args.faults)
+            return serve(args.run_dir, args.bind, args.control_stdin, args.faults, args.quota_bytes)
         if args.command == "agent":
             from agents.agent import main_agent
 

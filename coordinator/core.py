@@ -110,6 +110,12 @@ class Core:
         if not 0 <= index < len(self.fragments):
             return self._reject(ev.peer, "HELLO.fragment", index, f"0..{len(self.fragments) - 1}")
         spec = self.plan.fragments[index]
+        curve = self.plan.extra.get("curve")
+        if curve is not None:  # a key speaks for exactly one fragment: the one the plan gave it
+            owner = next((int(f) for f, key in curve["agents"].items() if key == ev.key), None)
+            if owner != index:
+                return self._reject(ev.peer, "HELLO.key", "an unknown key" if owner is None else
+                                    f"the key of fragment {owner}", f"the key of fragment {index} from the plan")
         if (h["first_layer"], h["last_layer"]) != (spec.first_layer, spec.last_layer):
             return self._reject(ev.peer, "HELLO.layers", f"{h['first_layer']}-{h['last_layer']}",
                                 f"{spec.label} for fragment {index} in the plan")

@@ -27,6 +27,7 @@ class Hello(_Record):
     t: float
     peer: str
     header: dict[str, Any]
+    key: str | None = None  # the sender's CURVE public key, as authenticated by ZAP
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ import zmq
 from blake3 import blake3
 
 from agents.eventlog import log_start, open_event_log, open_log_file
+from agents.keys import load_keys
 from coordinator.core import Core, CoreSettings
 from coordinator.events import (
     AgentDead, AgentExited, Arrival, Ban, Bye, Chunk, EndOfAgents, Finish, Forget, Heartbeat, Hello, Malformed,
@@ -30,12 +31,13 @@ from coordinator.store import FragmentStore
 from protocol.errors import ProtocolError
 from protocol.messages import decode_from_agent, encode
 from protocol.plan import Plan
-from sandbox import Sandbox
+from sandbox import Sandbox, SandboxError
 
 TICK_S = 0.25
 EXIT_OK = 0
 EXIT_MISMATCH = 1
 EXIT_INCOMPLETE = 3
+EXIT_STORAGE = 6
 
 
 class Progress:
@@ -52,12 +54,12 @@ class Progress:
 class CoordinatorServer:
     def __init__(self, run_dir: Path, *, bind: str = "tcp://127.0.0.1:0", settings: CoreSettings | None = None,
                  progress: Progress | None = None, control_fd: int | None = None,
-                 faults: dict[str, Any] | None = None) -> None:
+                 faults: dict[str, Any] | None = None, quota_bytes: int | None = None) -> None:
         self.run_dir = run_dir.resolve()
         self.plan = Plan.loads((self.run_dir / "plan.json").read_bytes())
         # Quota: what the plan says will arrive, three times over for fragments + snapshots'
         # metadata + logs and results, and never more than that.
-        self.box = Sandbox(self.run_dir, quota_bytes=3 * self.plan.nbytes + 256 * 1024 * 1024)
+        self.box = Sandbox(self.run_dir, quota_bytes=quota_bytes or 3 * self.plan.nbytes + 256 * 1024 * 1024)
         self.box.mkdir("logs")
         self.log = open_event_log(open_log_file(self.box, "logs/coordinator.jsonl"), run_id=self.plan.run_id,
                                   role="coordinator")
@@ -103,6 +105,20 @@ class CoordinatorServer:
     def open_socket(self) -> str:
         self.ctx = zmq.Context.instance()
         self.sock = self.ctx.socket(zmq.ROUTER)
+        self.monitor = None
+        curve = self.plan.extra.get("curve")
+        if curve:
+            self._start_authenticator(set(curve["agents"].values()))
+            public, secret = load_keys(self.run_dir, None)
+            if public.decode() != curve["coordinator"]:
+                raise RuntimeError(f"keys/coordinator.public is {public.decode()!r}; the plan expects "
+                                   f"{curve['coordinator']!r}")
+            self.sock.curve_server = True
+            self.sock.curve_publickey = public
+            self.sock.curve_secretkey = secret
+            self.monitor = self.sock.get_monitor_socket(
+                zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+                | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
         self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self.sock.setsockopt(zmq.MAXMSGSIZE, self.plan.piece_size + 64 * 1024)
         self.sock.setsockopt(zmq.LINGER, 1000)
@@ -113,6 +129,41 @@ class CoordinatorServer:
             self.sock.bind(self.bind)
             endpoint = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
         return endpoint
+
+    def _start_authenticator(self, allowed: set[str]) -> None:
+        """pyzmq's ZAP authenticator, admitting only the plan's agent keys. Denials are queued and
+        logged by the loop's thread (the log's hash chain is single-threaded)."""
+        from zmq.auth.thread import ThreadAuthenticator
+
+        denied = self.denied = []
+
+        class PlanKeys:
+            def callback(self, domain: str, key: bytes) -> bool:
+                ok = key.decode(errors="replace") in allowed
+                if not ok:
+                    denied.append(key.decode(errors="replace"))
+                return ok
+
+        self.auth = ThreadAuthenticator(self.ctx)
+        self.auth.start()
+        self.auth.configure_curve_callback(domain="*", credentials_provider=PlanKeys())
+
+    def _log_auth(self) -> None:
+        while getattr(self, "denied", None):
+            key = self.denied.pop(0)
+            self.log.warning("auth.denied", key=key, reason="CURVE key not in the plan", expected="one of the plan's agent keys")
+            self.progress("rejected", peer="?", reason=f"CURVE handshake refused: key {key[:12]}… is not in the plan")
+        if self.monitor is None:
+            return
+        from zmq.utils.monitor import recv_monitor_message
+
+        while self.monitor.poll(0):
+            event = recv_monitor_message(self.monitor)
+            name = {zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: "no detail", zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "protocol",
+                    zmq.EVENT_HANDSHAKE_FAILED_AUTH: "authentication"}.get(event["event"], str(event["event"]))
+            self.log.warning("auth.handshake_failed", kind=name, code=event["value"],
+                             expected="a CURVE handshake with a key from the plan")
+            self.progress("rejected", peer="?", reason=f"handshake failed ({name})")
 
     def restore(self) -> None:
         """Pick up whatever an earlier coordinator of this run left in the sandbox."""
@@ -155,14 +206,21 @@ class CoordinatorServer:
                 self._control()
             now = time.monotonic()
             if now >= next_tick and self.outcome is None:
+                self._log_auth()
                 self._tick(now)
                 next_tick = now + TICK_S
             if now >= next_beat and self.outcome is None:
                 for peer in self._bound_peers():
                     self._send(peer, "HEARTBEAT", {})
                 next_beat = now + self.settings.heartbeat_ms / 1000
+        self._log_auth()
         self.store.close()
+        if self.monitor is not None:
+            self.sock.disable_monitor()
+            self.monitor.close()
         self.sock.close()
+        if getattr(self, "auth", None) is not None:
+            self.auth.stop()
         return self.exit_code
 
     def _drain(self, limit: int = 512) -> None:
@@ -184,7 +242,7 @@ class CoordinatorServer:
             self.step(Malformed(now, peer, exc.field, exc.value, exc.expected))
             return
         if msg.kind == "HELLO":
-            self.step(Hello(now, peer, msg.header))
+            self.step(Hello(now, peer, msg.header, _user_id(frames[1])))
         elif msg.kind == "CHUNK":
             payload = msg.payload
             assert payload is not None
@@ -277,6 +335,22 @@ class CoordinatorServer:
             self._execute(action, event)
 
     def _execute(self, action: Any, event: Any) -> None:
+        try:
+            self._carry_out(action, event)
+        except SandboxError as exc:
+            self._storage_failure(action, exc)
+
+    def _storage_failure(self, action: Any, exc: SandboxError) -> None:
+        """Disk full, quota or permissions: stop cleanly. Promoted fragments are whole files that
+        were renamed into place, so nothing promoted is touched; staged pieces stay for a resume."""
+        if self.outcome is not None:
+            return
+        self.log.error("storage.error", action=action.to_dict(), error=str(exc), kind=type(exc).__name__)
+        self.progress("storage_error", error=f"{type(exc).__name__}: {exc}", action=action.type)
+        self.outcome = Finish(False, self.core.missing_fragments())
+        self.exit_code = EXIT_STORAGE
+
+    def _carry_out(self, action: Any, event: Any) -> None:
         if isinstance(action, Send):
             self._send(action.peer, action.kind, action.header)
             if action.kind == "REJECT":
@@ -339,6 +413,15 @@ class CoordinatorServer:
             self.progress("bytes", fragment=fragment, received=state.received_bytes, total=total)
 
 
+def _user_id(frame: zmq.Frame) -> str | None:
+    """The ZAP user id of a message: with CURVE, the sender's authenticated public key."""
+    try:
+        value = frame.get("User-Id")
+    except zmq.ZMQError:
+        return None
+    return value or None
+
+
 def _alive(pid: int) -> bool:
     try:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
@@ -346,7 +429,8 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def serve(run_dir: str, bind: str, control_stdin: bool, faults: str | None = None) -> int:
+def serve(run_dir: str, bind: str, control_stdin: bool, faults: str | None = None,
+          quota_bytes: int | None = None) -> int:
     server = CoordinatorServer(Path(run_dir), bind=bind, control_fd=sys.stdin.fileno() if control_stdin else None,
-                               faults=json.loads(faults) if faults else None)
+                               faults=json.loads(faults) if faults else None, quota_bytes=quota_bytes)
     return server.run()

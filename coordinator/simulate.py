@@ -22,6 +22,7 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, Trans
 from rich.table import Table
 
 from agents.faults import START, parse_coordinator_kill, parse_kill, random_kills
+from agents.keys import make_run_keys
 from agents.launcher import AgentLauncher, launch_order
 from agents.planner import make_plan
 from agents.source import SourceCheckpoint
@@ -56,6 +57,8 @@ class SimulateOptions:
     respawn_delay: float = 0.0
     kill_coordinator: str | None = None
     resume: bool = False
+    bind: str = "tcp://127.0.0.1:0"
+    quota_bytes: int | None = None
 
 
 def resolve_source(opts: SimulateOptions, console: Console) -> tuple[Path, str]:
@@ -74,11 +77,13 @@ def resolve_source(opts: SimulateOptions, console: Console) -> tuple[Path, str]:
 class CoordinatorProcess:
     """The coordinator as a child process: progress JSON on its stdout, control on its stdin."""
 
-    def __init__(self, run_dir: Path, box: Sandbox, faults: dict[str, Any] | None = None) -> None:
+    def __init__(self, run_dir: Path, box: Sandbox, faults: dict[str, Any] | None = None,
+                 bind: str = "tcp://127.0.0.1:0", quota_bytes: int | None = None) -> None:
         stderr = box.open_append("logs/coordinator.stderr")
+        extra = ["--quota-bytes", str(quota_bytes)] if quota_bytes else []
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "coordinator", "serve", "--run-dir", str(run_dir), "--control-stdin",
-             "--faults", json.dumps(faults or {})],
+             "--faults", json.dumps(faults or {}), "--bind", bind, *extra],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr, text=True, bufsize=1,
             env={**os.environ, "PYTHONUNBUFFERED": "1"})
         stderr.close()
@@ -143,6 +148,9 @@ class LiveView:
                                + escape(f"[{ev['label']}] {ev['generate_s']:.2f}s {ev['text']!r}"))
         elif kind == "dead":
             self.console.print(f"[red]agent of fragment {ev['fragment']} dead[/]: {ev['reason']}")
+        elif kind == "storage_error":
+            self.console.print("[bold red]storage error[/]: " + escape(ev["error"]) +
+                               " (promoted fragments are intact; staged pieces are kept for `fragsim resume`)")
         elif kind == "rejected":
             self.console.print("[yellow]rejected[/] " + escape(ev["reason"]))
 
@@ -174,7 +182,9 @@ def plan_run(opts: SimulateOptions, source_dir: Path, model_name: str) -> Prepar
         if box.listdir("."):
             raise FileExistsError(f"run directory {run_dir} is not empty; expected a new or empty directory")
         box.mkdir("logs")
-        plan = make_plan(source, ranges, run_id=run_id, model_name=model_name, piece_size=opts.piece_size)
+        curve = make_run_keys(box, len(ranges))
+        plan = make_plan(source, ranges, run_id=run_id, model_name=model_name, piece_size=opts.piece_size,
+                         extra={"curve": curve})
     finally:
         source.close()
     box.write_text("plan.json", plan.dumps())
@@ -257,7 +267,8 @@ class Driver:
     # ---- processes -------------------------------------------------------------------
 
     def start_coordinator(self) -> None:
-        self.coordinator = CoordinatorProcess(self.run.run_dir, self.run.box, self.coordinator_faults)
+        self.coordinator = CoordinatorProcess(self.run.run_dir, self.run.box, self.coordinator_faults,
+                                              bind=self.opts.bind, quota_bytes=self.opts.quota_bytes)
 
     def await_ready(self) -> None:
         assert self.coordinator is not None

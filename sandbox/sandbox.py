@@ -133,10 +133,12 @@ class Sandbox:
 
     # -- whole-file writes and reads ------------------------------------------
 
-    def write_bytes(self, rel: RelPath, data: bytes | bytearray | memoryview, *, durable: bool = True) -> Path:
+    def write_bytes(self, rel: RelPath, data: bytes | bytearray | memoryview, *, durable: bool = True,
+                    mode: int = 0o644) -> Path:
         """Atomically replace ``rel`` with ``data``: readers see the old file or the new one, never half.
 
-        With ``durable`` the data and the rename are fsynced before returning.
+        With ``durable`` the data and the rename are fsynced before returning. ``mode`` 0o600 keeps
+        secrets (CURVE keys) owner-only from the first byte written.
         """
         parts = paths.split_rel(rel)
         paths.require_name(rel, parts)
@@ -148,8 +150,9 @@ class Sandbox:
                 _refuse_non_file(dfd, name, shown, "write")
                 # Same directory as the target so os.replace never crosses filesystems.
                 tmp = f".{name[:200]}.{secrets.token_hex(8)}.sbtmp"
-                fd = os.open(tmp, os.O_WRONLY | _NEW_FILE, 0o644, dir_fd=dfd)
+                fd = os.open(tmp, os.O_WRONLY | _NEW_FILE, mode, dir_fd=dfd)
                 try:
+                    os.fchmod(fd, mode)  # the umask must not widen or narrow what was asked
                     try:
                         files.write_all(fd, view, shown)
                         if durable:
