@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: venv prepare simulate chaos chaos-soak replay test test-fast clean-runs
+.PHONY: venv prepare simulate chaos chaos-soak replay bench test test-fast clean-runs
 
 # The documented fault-injection default: two agents SIGKILLed at different points and
 # respawned, and the coordinator SIGKILLed at 60% of all bytes and resumed from the sandbox.
@@ -37,6 +37,9 @@ chaos-soak: $(STAMP)
 	$(PY) tests/checkpoints.py artifacts/source/tiny-llama-8 8
 	$(PY) -m coordinator soak --model artifacts/source/tiny-llama-8 --runs $(SOAK_RUNS) --seed 0 --out artifacts/chaos-soak.json $(ARGS)
 
+bench: $(STAMP)
+	$(PY) -m coordinator bench $(ARGS)
+
 replay: $(STAMP)
 	$(PY) -m coordinator replay $(RUN) $(ARGS)
 
@@ -48,4 +51,4 @@ test-fast: $(STAMP)
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 clean-runs:
-	rm -rf artifacts/runs artifacts/soak-runs
+	rm -rf artifacts/runs artifacts/soak-runs artifacts/bench-runs

@@ -78,6 +78,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="artifacts/chaos-soak.json")
     p.add_argument("--runs-dir", default="artifacts/soak-runs")
 
+    p = sub.add_parser("bench", help="measure real runs; JSON figures")
+    p.add_argument("--model", help="checkpoint dir (default: the embedded SmolLM2, prepared once)")
+    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--out", default="artifacts/bench.json")
+    p.add_argument("--runs-dir", default="artifacts/bench-runs")
+
     p = sub.add_parser("serve", help="run the coordinator for an existing run directory (started by simulate)")
     p.add_argument("--run-dir", required=True)
     p.add_argument("--bind", default="tcp://127.0.0.1:0", help="endpoint to bind (default loopback, free port)")
@@ -93,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from protocol.errors import PlanError
 
-    if args.command in ("prepare", "simulate", "soak", "resume"):
+    if args.command in ("prepare", "simulate", "soak", "resume", "bench"):
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()  # our own progress view owns the terminal
@@ -120,6 +126,13 @@ def main(argv: list[str] | None = None) -> int:
             return resume_run(Path(args.run_dir), respawn=not args.no_respawn)
         if args.command == "replay":
             return replay_command(args)
+        if args.command == "bench":
+            from coordinator.bench import bench
+            from coordinator.prepare import prepare_default
+
+            model = Path(args.model).resolve() if args.model else prepare_default(Path("artifacts"))
+            bench(model, args.runs, Path(args.out), Path(args.runs_dir))
+            return 0
         if args.command == "soak":
             from coordinator.soak import soak
 

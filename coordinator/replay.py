@@ -224,6 +224,12 @@ def tell(files: dict[str, list[Line]], plan: Plan, replay: Replay) -> None:
         elif ev == "checkpoint.evaluated":
             text = (f"checkpoint {d['checkpoint']}: {d['layers']} layers, {d['label']}, "
                     f"{d['agree_tokens']} tokens = baseline, generate {d['generate_s']:.3f}s: {d['text']!r}")
+        elif ev == "auth.denied":
+            text = f"CURVE handshake refused: key {str(d.get('key'))[:12]}… is not in the plan"
+        elif ev == "auth.handshake_failed":
+            text = f"a peer failed the CURVE handshake ({d.get('kind')})"
+        elif ev == "storage.error":
+            text = f"storage error, run stopped: {d.get('error')}"
         elif ev == "message.rejected":
             text = f"rejected a message from {d.get('peer')}: {d.get('reason')}"
         elif ev == "run.finished":

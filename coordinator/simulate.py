@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+import psutil
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
@@ -263,6 +264,8 @@ class Driver:
         self.coordinator_code: int | None = None
         self.asked_to_end = False
         self.early: list[dict[str, Any]] = []
+        self.peak_rss: dict[str, int] = {}
+        self._next_sample = 0.0
 
     # ---- processes -------------------------------------------------------------------
 
@@ -369,12 +372,28 @@ class Driver:
                 self.coordinator_code = self.coordinator.proc.wait(timeout=60)
                 return "complete" if ev["complete"] else "incomplete"
             self._notice_exits()
+            self._sample_memory()
             if (not self.pending and self.waiting_for is None and not self.respawn_at and not self.asked_to_end
                     and all(self.launcher.exited(f) is not None for f in self.launcher.procs)
                     and len(self.committed) < len(self.run.plan.fragments)):
                 # Nobody left to deliver the missing fragments: finish with the longest prefix.
                 self.coordinator.control("end: every agent has exited")
                 self.asked_to_end = True
+
+    def _sample_memory(self) -> None:
+        """Peak resident memory of the coordinator and of each agent, sampled every 50 ms."""
+        now = time.monotonic()
+        if now < self._next_sample or self.launcher is None or self.coordinator is None:
+            return
+        self._next_sample = now + 0.05
+        targets = {"coordinator": self.coordinator.proc}
+        targets.update({f"agent_{f:02d}": p for f, p in self.launcher.procs.items()})
+        for name, proc in targets.items():
+            try:
+                rss = psutil.Process(proc.pid).memory_info().rss
+            except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
+                continue
+            self.peak_rss[name] = max(self.peak_rss.get(name, 0), rss)
 
     def _notice_exits(self) -> None:
         assert self.launcher is not None
@@ -405,6 +424,8 @@ class Driver:
     def record(self) -> dict[str, Any]:
         assert self.launcher is not None
         return {"kills": self.kills, "resumes": self.resumes, "agent_attempts": dict(self.launcher.attempts),
+                "peak_rss_mb": {k: round(v / 1e6, 1) for k, v in sorted(self.peak_rss.items())},
+                "agent_memory_limit_mb": round(self.launcher.memory_limit / 1e6),
                 "faults": {"kills": [list(k) for k in self.coordinator_faults["kills"]] +
                            [[f, START] for f in self.start_kills]}}
 

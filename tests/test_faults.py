@@ -11,6 +11,7 @@ import pytest
 import zmq
 from blake3 import blake3
 
+from agents.keys import configure_client
 from agents.launcher import AgentLauncher
 from conftest import StandaloneCoordinator, simulate
 from coordinator.simulate import EXIT_COORDINATOR_KILLED, EXIT_INCOMPLETE, resume_run
@@ -135,10 +136,15 @@ def test_corrupt_duplicate_and_rival_chunks_over_a_real_socket(tiny_model: Path,
     coord = StandaloneCoordinator(tiny_model, tmp_path / "run", fragments=3, piece_size=4096)
     plan = coord.plan
     ctx = zmq.Context.instance()
-    mine, rival = ctx.socket(zmq.DEALER), ctx.socket(zmq.DEALER)
-    for s in (mine, rival):
-        s.setsockopt(zmq.LINGER, 0)
-        s.connect(coord.endpoint)
+
+    def dealer() -> zmq.Socket:  # holding fragment 1's CURVE key, as its agent (or a clone of it) would
+        sock = ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        configure_client(sock, coord.run.run_dir, 1, plan.extra["curve"]["coordinator"])
+        sock.connect(coord.endpoint)
+        return sock
+
+    mine, rival = dealer(), dealer()
     source = SourceCheckpoint(tiny_model)
     try:
         mine.send_multipart(_hello(plan, 1))
@@ -173,9 +179,7 @@ def test_corrupt_duplicate_and_rival_chunks_over_a_real_socket(tiny_model: Path,
             credit -= 1
         committed = _recv(mine, ("COMMITTED",))
         assert committed.header["fragment"] == 1
-        late = ctx.socket(zmq.DEALER)
-        late.setsockopt(zmq.LINGER, 0)
-        late.connect(coord.endpoint)
+        late = dealer()
         late.send_multipart(_hello(plan, 1))
         assert "committed" in _recv(late).header["expected"]
         late.close()
