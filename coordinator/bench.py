@@ -15,7 +15,7 @@ from typing import Any
 
 from rich.console import Console
 
-from coordinator.simulate import SimulateOptions, execute_run, plan_run
+from coordinator.simulate import SimulateOptions, execute_run, plan_run, wide_console
 
 
 def _one(model: Path, name: str, root: Path, **options: Any) -> dict[str, Any]:
@@ -39,13 +39,15 @@ def _one(model: Path, name: str, root: Path, **options: Any) -> dict[str, Any]:
 
 
 def bench(model: Path, runs: int, out: Path, root: Path, console: Console | None = None) -> dict[str, Any]:
-    console = console or Console()
+    console = console or wide_console()
     root.mkdir(parents=True, exist_ok=True)
     sequential = []
     for i in range(runs):
         sequential.append(_one(model, f"forward-{i}", root, fragments=4, order="forward"))
         console.print(f"forward run {i + 1}/{runs}: transfer {sequential[-1]['transfer_mb_per_s']} MB/s, "
                       f"wall {sequential[-1]['wall_s']}s")
+    plain = _one(model, "no-curve", root, fragments=4, order="forward", curve=False)
+    console.print(f"forward run without CURVE: transfer {plain['transfer_mb_per_s']} MB/s, wall {plain['wall_s']}s")
     parallel = _one(model, "parallel", root, fragments=4, order="forward", parallel=True)
     console.print(f"parallel run: transfer {parallel['transfer_mb_per_s']} MB/s, wall {parallel['wall_s']}s")
     curve = _one(model, "curve", root, fragments=10, order="forward")
@@ -63,7 +65,8 @@ def bench(model: Path, runs: int, out: Path, root: Path, console: Console | None
         "baseline_generate_s_median": statistics.median(r["baseline_generate_s"] for r in sequential),
         "peak_rss_mb_max": {k: max(r["peak_rss_mb"].get(k, 0) for r in sequential)
                             for k in sequential[0]["peak_rss_mb"]},
-        "sequential": sequential, "parallel": parallel, "quality_curve": curve,
+        "transfer_mb_per_s_without_curve": plain["transfer_mb_per_s"],
+        "sequential": sequential, "no_curve": plain, "parallel": parallel, "quality_curve": curve,
     }
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(summary, indent=1) + "\n")

@@ -34,6 +34,8 @@ def _simulate_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--artifacts", default="artifacts", help="artifacts root (default ./artifacts)")
     p.add_argument("--bind", default="tcp://127.0.0.1:0",
                    help="coordinator endpoint (default loopback, a free port); another address only when asked")
+    p.add_argument("--no-curve", dest="curve", action="store_false",
+                   help="no CURVE authentication/encryption (for measuring its cost; loopback only)")
     faults = p.add_argument_group("fault injection")
     faults.add_argument("--kill", action="append", default=[], metavar="FRAG@FRACTION",
                         help="SIGKILL that fragment's agent once FRACTION of its bytes arrived (0 = right after "
@@ -158,7 +160,9 @@ def replay_command(args: argparse.Namespace) -> int:
     from coordinator.replay import ReplayRefused, run_replay
     from coordinator.replay_view import as_json, show, timeline, verify_model
 
-    console = Console()
+    from coordinator.simulate import wide_console
+
+    console = wide_console()
     try:
         replay = run_replay(Path(args.run_dir))
     except ReplayRefused as exc:

@@ -45,10 +45,13 @@ class Progress:
 
     def __init__(self, stream: Any = None) -> None:
         self.stream = stream or sys.stdout
+        self.lock = threading.Lock()  # the torch-import thread reports too
 
     def __call__(self, kind: str, **fields: Any) -> None:
-        self.stream.write(json.dumps({"progress": kind, **fields}, default=str) + "\n")
-        self.stream.flush()
+        line = json.dumps({"progress": kind, **fields}, default=str) + "\n"
+        with self.lock:
+            self.stream.write(line)
+            self.stream.flush()
 
 
 class CoordinatorServer:
@@ -90,6 +93,7 @@ class CoordinatorServer:
             from coordinator.reassembly import Reassembler
 
             self._reassembler = Reassembler(self.box, self.plan, self.log, self.progress)
+            self.progress("warm")  # torch is loaded: the machine is quiet again (the launcher times its baseline now)
         except BaseException as exc:  # surfaced on first use, in the loop's thread
             self._import_error = exc
 

@@ -60,6 +60,7 @@ class SimulateOptions:
     resume: bool = False
     bind: str = "tcp://127.0.0.1:0"
     quota_bytes: int | None = None
+    curve: bool = True
 
 
 def resolve_source(opts: SimulateOptions, console: Console) -> tuple[Path, str]:
@@ -183,9 +184,9 @@ def plan_run(opts: SimulateOptions, source_dir: Path, model_name: str) -> Prepar
         if box.listdir("."):
             raise FileExistsError(f"run directory {run_dir} is not empty; expected a new or empty directory")
         box.mkdir("logs")
-        curve = make_run_keys(box, len(ranges))
+        extra = {"curve": make_run_keys(box, len(ranges))} if opts.curve else {}
         plan = make_plan(source, ranges, run_id=run_id, model_name=model_name, piece_size=opts.piece_size,
-                         extra={"curve": curve})
+                         extra=extra)
     finally:
         source.close()
     box.write_text("plan.json", plan.dumps())
@@ -206,6 +207,7 @@ def execute_run(opts: SimulateOptions, run: PreparedRun, console: Console, *,
             with console.status("baseline: loading the full source model"):
                 source_model = SourceModel(run.source_dir, opts.threads)
                 driver.await_ready()
+                driver.await_warm()
             with console.status("baseline: evaluating the full source model"):
                 base = source_model.record(run.box, opts.prompt, opts.max_new_tokens)
             del source_model
@@ -279,6 +281,21 @@ class Driver:
         if self.launcher is None:
             self.launcher = AgentLauncher(self.run.run_dir, endpoint)
         self.launcher.endpoint = endpoint
+
+    def await_warm(self, timeout: float = READY_TIMEOUT_S) -> None:
+        """Wait until the coordinator finished importing torch, so the baseline is timed on a quiet machine."""
+        assert self.coordinator is not None
+        if any(ev.get("progress") == "warm" for ev in self.early):
+            return
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            ev = self.coordinator.next_event(0.5)
+            if ev is None:
+                raise RuntimeError("the coordinator exited while loading torch; see logs/coordinator.stderr")
+            if ev.get("progress") == "warm":
+                return
+            if ev.get("progress") != "idle":
+                self.early.append(ev)
 
     def spawn(self, fragment: int) -> None:
         assert self.launcher is not None
@@ -432,7 +449,7 @@ class Driver:
 
 def resume_run(run_dir: Path, console: Console | None = None, *, respawn: bool = True) -> int:
     """Continue a run whose coordinator died: its sandbox holds everything verified so far."""
-    console = console or Console()
+    console = console or wide_console()
     box = Sandbox(run_dir)
     plan = Plan.loads(box.read_bytes("plan.json"))
     saved = json.loads(box.read_bytes("run.json"))
@@ -450,10 +467,15 @@ def resume_run(run_dir: Path, console: Console | None = None, *, respawn: bool =
     return code
 
 
-def run_simulation(opts: SimulateOptions, console: Console | None = None) -> int:
-    console = console or Console()
-    if not console.is_terminal:  # logs and CI: wide enough that tables do not fold
+def wide_console() -> Console:
+    console = Console()
+    if not console.is_terminal:  # logs and CI: wide enough that tables and bars do not fold
         console.width = max(console.width, 160)
+    return console
+
+
+def run_simulation(opts: SimulateOptions, console: Console | None = None) -> int:
+    console = console or wide_console()
     source_dir, model_name = resolve_source(opts, console)
     started = time.perf_counter()
     run = plan_run(opts, source_dir, model_name)

@@ -12,7 +12,7 @@ from typing import Any
 
 from rich.console import Console
 
-from coordinator.simulate import SimulateOptions, execute_run, plan_run
+from coordinator.simulate import SimulateOptions, execute_run, plan_run, wide_console
 
 
 def soak_run(model: Path, root: Path, index: int, seed: int) -> dict[str, Any]:
@@ -52,7 +52,7 @@ def soak_run(model: Path, root: Path, index: int, seed: int) -> dict[str, Any]:
 
 
 def soak(model: Path, runs: int, seed: int, out: Path, root: Path, console: Console | None = None) -> dict[str, Any]:
-    console = console or Console()
+    console = console or wide_console()
     root.mkdir(parents=True, exist_ok=True)
     records = []
     started = time.perf_counter()

@@ -63,6 +63,19 @@ def simulate(model: Path, run_dir: Path, **options: Any) -> SimulationResult:
     return SimulationResult(code, results, run_dir, buffer.getvalue())
 
 
+def expected_prefix(order: list[int] | tuple[int, ...], plan: Any) -> list[int]:
+    """Active layers after each arrival: the longest run of committed fragments from fragment 0."""
+    done: set[int] = set()
+    out = []
+    for index in order:
+        done.add(index)
+        k = 0
+        while k in done:
+            k += 1
+        out.append(plan.fragments[k - 1].last_layer + 1 if k else 0)
+    return out
+
+
 def _tail(path: Path, lines: int = 30) -> str:
     return "\n".join(path.read_text().splitlines()[-lines:]) if path.exists() else ""
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from agents.planner import make_plan
+from conftest import expected_prefix
 from agents.source import SourceCheckpoint
 from coordinator.core import COMMITTED, LIVE, WAITING, Core, CoreSettings
 from coordinator.events import (
@@ -53,18 +54,6 @@ def stream_all(core: Core, plan: Plan, index: int, peer: str, t: float = 0.0) ->
     return out
 
 
-def prefix_layers_after_each(order: tuple[int, ...], plan: Plan) -> list[int]:
-    committed: set[int] = set()
-    out = []
-    for index in order:
-        committed.add(index)
-        k = 0
-        while k in committed:
-            k += 1
-        out.append(plan.fragments[k - 1].last_layer + 1 if k else 0)
-    return out
-
-
 @pytest.mark.parametrize("n", [3, 4])
 def test_every_arrival_order_gives_the_longest_contiguous_prefix(plans: dict[int, Plan], n: int) -> None:
     plan = plans[n]
@@ -79,7 +68,7 @@ def test_every_arrival_order_gives_the_longest_contiguous_prefix(plans: dict[int
                     reassembled.append(action.layers)
                 elif isinstance(action, Finish):
                     finished.append(action)
-        expected = prefix_layers_after_each(order, plan)
+        expected = expected_prefix(order, plan)
         assert [a.fragment for a in arrivals] == list(order)
         assert [a.layers for a in arrivals] == expected, order
         grew = [e for i, e in enumerate(expected) if e > (expected[i - 1] if i else 0)]

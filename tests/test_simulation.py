@@ -14,20 +14,8 @@ import torch
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
-from conftest import simulate
+from conftest import expected_prefix, simulate
 from protocol.plan import Plan
-
-
-def expected_prefix(order: list[int], plan: Plan) -> list[int]:
-    done: set[int] = set()
-    out = []
-    for index in order:
-        done.add(index)
-        k = 0
-        while k in done:
-            k += 1
-        out.append(plan.fragments[k - 1].last_layer + 1 if k else 0)
-    return out
 
 
 def check_exact(result, run_dir: Path) -> None:
