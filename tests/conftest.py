@@ -93,6 +93,7 @@ class StandaloneCoordinator:
         SourceModel(model, 1).record(self.run.box, self.opts.prompt, self.opts.max_new_tokens)
         self.process = CoordinatorProcess(self.run.run_dir, self.run.box)
         self.endpoint = _await_ready(self.process)
+        self.events_until("warm")  # torch loaded: replies are prompt from here on
 
     @property
     def plan(self) -> Any:
