@@ -155,7 +155,6 @@ class Core:
             return self._reject(ev.peer, "CHUNK", "no HELLO", "HELLO before any CHUNK")
         index = peer.fragment
         state = self.fragments[index]
-        spec = self.plan.fragments[index]
         if state.peer != ev.peer:
             return self._reject(ev.peer, "CHUNK", f"fragment {index}", "a fragment this connection holds", fatal=True)
         if peer.credit <= 0:

@@ -86,7 +86,8 @@ class StandaloneCoordinator:
 
     def __init__(self, model: Path, run_dir: Path, **options: Any) -> None:
         from coordinator.baseline import SourceModel
-        from coordinator.simulate import CoordinatorProcess, SimulateOptions, _await_ready, plan_run
+        from coordinator.driver import CoordinatorProcess, _await_ready
+        from coordinator.simulate import SimulateOptions, plan_run
 
         self.opts = SimulateOptions(model=str(model), run_dir=str(run_dir), threads=1, **options)
         self.run = plan_run(self.opts, model, model.name)

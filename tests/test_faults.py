@@ -7,7 +7,6 @@ import os
 from pathlib import Path
 
 import psutil
-import pytest
 import zmq
 from blake3 import blake3
 

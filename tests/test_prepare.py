@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -17,7 +16,6 @@ from coordinator.prepare import (  # noqa: E402
     WEIGHTS_FILE,
     default_source_dir,
     is_prepared,
-    prepare_default,
     prepare_model_dir,
 )
 from checkpoints import make_tiny_llama  # noqa: E402

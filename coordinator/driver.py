@@ -1,0 +1,295 @@
+"""The launcher's side of a run: the coordinator as a child process, and the loop that starts
+agents in order, carries out kills from outside the target, respawns and resumes."""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import psutil
+from rich.console import Console
+
+from agents.faults import START, parse_coordinator_kill, parse_kill, random_kills
+from agents.launcher import AgentLauncher
+from sandbox import Sandbox
+
+if TYPE_CHECKING:
+    from coordinator.simulate import PreparedRun, SimulateOptions
+    from coordinator.terminal import LiveView
+
+READY_TIMEOUT_S = 180.0
+
+
+class CoordinatorProcess:
+    """The coordinator as a child process: progress JSON on its stdout, control on its stdin."""
+
+    def __init__(self, run_dir: Path, box: Sandbox, faults: dict[str, Any] | None = None,
+                 bind: str = "tcp://127.0.0.1:0", quota_bytes: int | None = None) -> None:
+        stderr = box.open_append("logs/coordinator.stderr")
+        extra = ["--quota-bytes", str(quota_bytes)] if quota_bytes else []
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "coordinator", "serve", "--run-dir", str(run_dir), "--control-stdin",
+             "--faults", json.dumps(faults or {}), "--bind", bind, *extra],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr, text=True, bufsize=1,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        stderr.close()
+        self.events: queue.Queue[dict[str, Any] | None] = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            try:
+                self.events.put(json.loads(line))
+            except json.JSONDecodeError:
+                self.events.put({"progress": "output", "line": line.rstrip()})
+        self.events.put(None)
+
+    def next_event(self, timeout: float) -> dict[str, Any] | None:
+        try:
+            return self.events.get(timeout=timeout)
+        except queue.Empty:
+            return {"progress": "idle"}
+
+    def control(self, line: str) -> None:
+        if self.proc.stdin and not self.proc.stdin.closed:
+            try:
+                self.proc.stdin.write(line + "\n")
+                self.proc.stdin.flush()
+            except BrokenPipeError:
+                pass
+
+
+def run_faults(opts: "SimulateOptions", fragments: int) -> dict[str, Any]:
+    kills = [parse_kill(spec, fragments) for spec in opts.kill]
+    kills += random_kills(opts.kill_random, fragments, opts.seed)
+    return {"kills": kills, "kill_coordinator": parse_coordinator_kill(opts.kill_coordinator)}
+
+
+class Driver:
+    """The launcher's loop: start agents in order, react to the coordinator's progress, carry
+    out kills from outside the target process, respawn, and replace a killed coordinator."""
+
+    def __init__(self, opts: "SimulateOptions", run: "PreparedRun", console: Console,
+                 faults: dict[str, Any]) -> None:
+        self.opts, self.run, self.console = opts, run, console
+        self.start_kills = [f for f, x in faults["kills"] if x == START]
+        self.coordinator_faults = {"kills": [[f, x] for f, x in faults["kills"] if x != START],
+                                   "kill_coordinator": faults["kill_coordinator"]}
+        self.view: "LiveView | None" = None
+        self.coordinator: CoordinatorProcess | None = None
+        self.launcher: AgentLauncher | None = None
+        self.committed: set[int] = {i for i in range(len(run.plan.fragments))
+                                    if run.box.exists(f"quorum/fragment_{i:02d}")}
+        self.pending = [f for f in run.order if f not in self.committed]
+        self.started: list[int] = []
+        self.waiting_for: int | None = None
+        self.respawn_at: dict[int, float] = {}
+        self.given_up: set[int] = set()
+        self.kills: list[dict[str, Any]] = []
+        self.resumes = 0
+        self.coordinator_code: int | None = None
+        self.asked_to_end = False
+        self.early: list[dict[str, Any]] = []
+        self.peak_rss: dict[str, int] = {}
+        self._next_sample = 0.0
+
+    # ---- processes -------------------------------------------------------------------
+
+    def start_coordinator(self) -> None:
+        self.coordinator = CoordinatorProcess(self.run.run_dir, self.run.box, self.coordinator_faults,
+                                              bind=self.opts.bind, quota_bytes=self.opts.quota_bytes)
+
+    def await_ready(self) -> None:
+        assert self.coordinator is not None
+        endpoint = _await_ready(self.coordinator, self.early)
+        if self.launcher is None:
+            self.launcher = AgentLauncher(self.run.run_dir, endpoint)
+        self.launcher.endpoint = endpoint
+
+    def await_warm(self, timeout: float = READY_TIMEOUT_S) -> None:
+        """Wait until the coordinator finished importing torch, so the baseline is timed on a quiet machine."""
+        assert self.coordinator is not None
+        if any(ev.get("progress") == "warm" for ev in self.early):
+            return
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            ev = self.coordinator.next_event(0.5)
+            if ev is None:
+                raise RuntimeError("the coordinator exited while loading torch; see logs/coordinator.stderr")
+            if ev.get("progress") == "warm":
+                return
+            if ev.get("progress") != "idle":
+                self.early.append(ev)
+
+    def spawn(self, fragment: int) -> None:
+        assert self.launcher is not None
+        self.launcher.spawn(fragment)
+        if fragment not in self.started:
+            self.started.append(fragment)
+        if fragment in self.start_kills:  # before HELLO: the process has not even imported zmq yet
+            self.start_kills.remove(fragment)
+            self.kill_agent(fragment, "start")
+
+    def kill_agent(self, fragment: int, fraction: Any) -> None:
+        assert self.launcher is not None
+        proc = self.launcher.procs[fragment]
+        self.launcher.kill(fragment)
+        self.kills.append({"target": "agent", "fragment": fragment, "fraction": fraction, "pid": proc.pid,
+                           "t": time.time()})
+        self.say(f"[red]SIGKILL[/] agent {fragment} (pid {proc.pid}) at {fraction}")
+        if self.opts.respawn:
+            self.respawn_at[fragment] = time.monotonic() + self.opts.respawn_delay
+        else:
+            self.given_up.add(fragment)
+            if self.waiting_for == fragment:
+                self.waiting_for = None
+
+    def kill_coordinator(self, point: dict[str, Any]) -> bool:
+        """SIGKILL the coordinator; with --resume start a new one on the same run. True if resumed."""
+        assert self.coordinator is not None and self.launcher is not None
+        self.coordinator.proc.kill()
+        self.coordinator.proc.wait()
+        self.kills.append({"target": "coordinator", "at": point.get("at"), "stage": point.get("stage"),
+                           "pid": point.get("pid"), "t": time.time()})
+        self.say(f"[red]SIGKILL[/] coordinator (pid {point.get('pid')}) at {point.get('at')}")
+        # Agents of a dead coordinator are orphans: stop them; they are respawned against the new one.
+        for fragment in list(self.launcher.procs):
+            self.launcher.kill(fragment)
+        if not self.opts.resume:
+            return False
+        self.resumes += 1
+        self.coordinator_faults = {"kills": self.coordinator_faults["kills"], "kill_coordinator": None}
+        self.start_coordinator()
+        self.await_ready()
+        self.say(f"coordinator resumed from the sandbox (resume {self.resumes})")
+        for fragment in self.started:
+            if fragment not in self.committed and fragment not in self.given_up:
+                self.respawn_at[fragment] = time.monotonic()
+        return True
+
+    def say(self, text: str) -> None:
+        self.console.print(text)
+
+    # ---- the loop --------------------------------------------------------------------
+
+    def drive(self) -> str:
+        assert self.coordinator is not None and self.launcher is not None
+        next_launch = time.monotonic()
+        while True:
+            now = time.monotonic()
+            if self.pending and self.waiting_for is None and now >= next_launch:
+                fragment = self.pending.pop(0)
+                if not self.opts.parallel:
+                    self.waiting_for = fragment
+                self.spawn(fragment)
+                next_launch = now + self.opts.stagger
+            for fragment, when in list(self.respawn_at.items()):
+                if now >= when:
+                    del self.respawn_at[fragment]
+                    if fragment not in self.committed:
+                        self.say(f"respawning agent {fragment}")
+                        self.spawn(fragment)
+            ev = self.early.pop(0) if self.early else self.coordinator.next_event(0.05)
+            if ev is None:
+                self.coordinator_code = self.coordinator.proc.wait()
+                return "coordinator exited"
+            kind = ev.get("progress")
+            if self.view is not None:
+                self.view.show(ev)
+            if kind == "kill_point" and ev["target"] == "agent":
+                self.kill_agent(ev["fragment"], ev["fraction"])
+                self.coordinator.control("killed")
+            elif kind == "kill_point" and ev["target"] == "coordinator":
+                if not self.kill_coordinator(ev):
+                    return "coordinator killed"
+            elif kind in ("committed", "arrival"):
+                fragment = ev["fragment"]
+                self.committed.add(fragment)
+                self.respawn_at.pop(fragment, None)
+                if self.waiting_for == fragment:
+                    self.waiting_for = None
+                    next_launch = time.monotonic() + self.opts.stagger
+            elif kind == "finished":
+                self.coordinator_code = self.coordinator.proc.wait(timeout=60)
+                return "complete" if ev["complete"] else "incomplete"
+            self._notice_exits()
+            self._sample_memory()
+            if (not self.pending and self.waiting_for is None and not self.respawn_at and not self.asked_to_end
+                    and all(self.launcher.exited(f) is not None for f in self.launcher.procs)
+                    and len(self.committed) < len(self.run.plan.fragments)):
+                # Nobody left to deliver the missing fragments: finish with the longest prefix.
+                self.coordinator.control("end: every agent has exited")
+                self.asked_to_end = True
+
+    def _sample_memory(self) -> None:
+        """Peak resident memory of the coordinator and of each agent, sampled every 50 ms."""
+        now = time.monotonic()
+        if now < self._next_sample or self.launcher is None or self.coordinator is None:
+            return
+        self._next_sample = now + 0.05
+        targets = {"coordinator": self.coordinator.proc}
+        targets.update({f"agent_{f:02d}": p for f, p in self.launcher.procs.items()})
+        for name, proc in targets.items():
+            try:
+                rss = psutil.Process(proc.pid).memory_info().rss
+            except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
+                continue
+            self.peak_rss[name] = max(self.peak_rss.get(name, 0), rss)
+
+    def _notice_exits(self) -> None:
+        assert self.launcher is not None
+        for fragment, proc in self.launcher.procs.items():
+            rc = proc.poll()
+            if rc is None or rc == 0 or fragment in self.committed or fragment in self.given_up:
+                continue
+            if rc == -signal.SIGKILL and (fragment in self.respawn_at):
+                continue  # our own kill, respawn already scheduled
+            self.given_up.add(fragment)
+            self.say(f"[red]agent {fragment} exited with status {rc}[/] (logs/agent_{fragment:02d}.*)")
+            if self.waiting_for == fragment:
+                self.waiting_for = None
+
+    def shutdown(self) -> None:
+        if self.launcher:
+            self.launcher.stop_all()
+        if self.coordinator and self.coordinator.proc.poll() is None:
+            try:
+                self.coordinator.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.coordinator.proc.kill()
+                self.coordinator.proc.wait()
+            self.coordinator_code = self.coordinator.proc.returncode
+        if self.coordinator and self.coordinator_code is None:
+            self.coordinator_code = self.coordinator.proc.returncode
+
+    def record(self) -> dict[str, Any]:
+        assert self.launcher is not None
+        return {"kills": self.kills, "resumes": self.resumes, "agent_attempts": dict(self.launcher.attempts),
+                "peak_rss_mb": {k: round(v / 1e6, 1) for k, v in sorted(self.peak_rss.items())},
+                "agent_memory_limit_mb": round(self.launcher.memory_limit / 1e6),
+                "faults": {"kills": [list(k) for k in self.coordinator_faults["kills"]] +
+                           [[f, START] for f in self.start_kills]}}
+
+
+def _await_ready(coordinator: CoordinatorProcess, early: list[dict[str, Any]] | None = None) -> str:
+    """Wait for the coordinator's endpoint; events before it (a resumed run's restore) go to `early`."""
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    while time.monotonic() < deadline:
+        ev = coordinator.next_event(1.0)
+        if ev is None:
+            raise RuntimeError(f"the coordinator exited ({coordinator.proc.wait()}) before it was ready; "
+                               "see logs/coordinator.stderr in the run directory")
+        if ev.get("progress") == "ready":
+            return ev["endpoint"]
+        if early is not None and ev.get("progress") != "idle":
+            early.append(ev)
+    raise RuntimeError(f"the coordinator was not ready within {READY_TIMEOUT_S}s")
