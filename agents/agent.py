@@ -57,10 +57,10 @@ def check_source(fragment: Fragment, source: SourceCheckpoint) -> None:
 
 
 class Agent:
-    def __init__(self, run_dir: Path, fragment_index: int, endpoint: str, *, log: Any,
+    def __init__(self, run_dir: Path, plan: Plan, fragment_index: int, endpoint: str, *, log: Any,
                  heartbeat_s: float = HEARTBEAT_S, coordinator_dead_s: float = COORDINATOR_DEAD_S) -> None:
         self.run_dir = run_dir
-        self.plan = Plan.loads((run_dir / "plan.json").read_bytes())
+        self.plan = plan
         if not 0 <= fragment_index < len(self.plan.fragments):
             raise ValueError(f"--fragment {fragment_index}: expected 0..{len(self.plan.fragments) - 1}")
         self.fragment = self.plan.fragments[fragment_index]
@@ -186,7 +186,7 @@ def main_agent(run_dir: str, fragment: int, endpoint: str) -> int:
     log = open_event_log(stream, run_id=plan.run_id, role="agent", fragment=fragment)
     log_start(log, pid=os.getpid(), endpoint=endpoint, plan_digest=plan.digest)
     try:
-        agent = Agent(root, fragment, endpoint, log=log)
+        agent = Agent(root, plan, fragment, endpoint, log=log)
     except (ValueError, OSError) as exc:
         log.error("agent.setup_failed", error=str(exc))
         print(f"agent {fragment}: {exc}", flush=True)

@@ -6,7 +6,6 @@ agents in parallel, and once with 10 fragments for a quality-versus-depth curve.
 
 from __future__ import annotations
 
-import io
 import json
 import statistics
 import time
@@ -15,14 +14,13 @@ from typing import Any
 
 from rich.console import Console
 
-from coordinator.simulate import SimulateOptions, execute_run, plan_run, wide_console
+from coordinator.simulate import SimulateOptions, run_quietly, wide_console
 
 
 def _one(model: Path, name: str, root: Path, **options: Any) -> dict[str, Any]:
     opts = SimulateOptions(model=str(model), run_dir=str(root / f"{name}-{time.strftime('%H%M%S')}"), **options)
     started = time.perf_counter()
-    run = plan_run(opts, model, model.name)
-    code, results = execute_run(opts, run, Console(file=io.StringIO()))
+    code, results, run, _ = run_quietly(opts, model)
     if results is None or code != 0:
         raise RuntimeError(f"bench run {name} failed with exit {code}; see {run.run_dir}/logs")
     frags = results["fragments"]

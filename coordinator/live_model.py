@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from coordinator.snapshot import truncated_config
 from protocol.layers import layer_of
 
 _DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
@@ -53,9 +54,10 @@ class LiveModel:
             raise ValueError(f"new fragments hold layers {sorted(per_layer)}, expected {expected}")
         layer_cls = type(self.decoder_layers[0])
         config = self.model.config
-        config.num_hidden_layers = layers
-        if isinstance(self.full_config.get("layer_types"), list):
-            config.layer_types = self.full_config["layer_types"][:layers]
+        prefix = truncated_config(self.full_config, layers)
+        config.num_hidden_layers = prefix["num_hidden_layers"]
+        if "layer_types" in prefix:
+            config.layer_types = prefix["layer_types"]
         for index in expected:
             with torch.device("meta"):
                 module = layer_cls(config, index)

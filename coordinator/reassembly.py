@@ -99,7 +99,7 @@ class Reassembler:
             "baseline": {k: v for k, v in self.baseline.items() if k != "logits"},
             "fragments": core.fragment_stats(),
             "arrivals": self.arrivals,
-            "checkpoints": [{k: v for k, v in c.items()} for c in self.checkpoints],
+            "checkpoints": self.checkpoints,
             "final": final,
             "final_matches_baseline": matches,
         }

@@ -3,6 +3,7 @@ chosen arrival order, with live progress in the terminal and the checkpoint tabl
 
 from __future__ import annotations
 
+import io
 import json
 import secrets
 import time
@@ -163,6 +164,15 @@ def resume_run(run_dir: Path, console: Console | None = None, *, respawn: bool =
     if results is not None:
         print_summary(console, results, run.run_dir)
     return code
+
+
+def run_quietly(opts: SimulateOptions, model: Path) -> tuple[int, dict[str, Any] | None, PreparedRun, str]:
+    """Plan and execute one run of a local checkpoint with the terminal output captured
+    (tests, soak and bench): (exit code, results, the run, what a user would have seen)."""
+    buffer = io.StringIO()
+    run = plan_run(opts, model, model.name)
+    code, results = execute_run(opts, run, Console(file=buffer, width=160))
+    return code, results, run, buffer.getvalue()
 
 
 def run_simulation(opts: SimulateOptions, console: Console | None = None) -> int:

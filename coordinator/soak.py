@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 import random
 import time
@@ -12,7 +11,7 @@ from typing import Any
 
 from rich.console import Console
 
-from coordinator.simulate import SimulateOptions, execute_run, plan_run, wide_console
+from coordinator.simulate import SimulateOptions, run_quietly, wide_console
 
 
 def soak_run(model: Path, root: Path, index: int, seed: int) -> dict[str, Any]:
@@ -25,8 +24,7 @@ def soak_run(model: Path, root: Path, index: int, seed: int) -> dict[str, Any]:
     if rng.random() < 0.3:
         opts = replace(opts, kill_coordinator=str(round(rng.random(), 2)), resume=True)
     started = time.perf_counter()
-    run = plan_run(opts, model, model.name)
-    code, results = execute_run(opts, run, Console(file=io.StringIO()))
+    code, results, run, _ = run_quietly(opts, model)
     record: dict[str, Any] = {"run": index, "fragments": fragments, "order": run.order, "code": code,
                               "seconds": round(time.perf_counter() - started, 3), "kill_random": opts.kill_random,
                               "kill_coordinator": opts.kill_coordinator}

@@ -175,13 +175,8 @@ class Sandbox:
         return self.write_text(rel, json.dumps(obj, indent=2, sort_keys=False) + "\n", durable=durable)
 
     def read_bytes(self, rel: RelPath) -> bytes:
-        parts = paths.split_rel(rel)
-        paths.require_name(rel, parts)
-        shown = os.fspath(rel)
-        with oserrors_as(rel, "read"), paths.parent_fd(self.root, rel, parts) as dfd:
-            fd, _ = files.open_regular(dfd, parts[-1], os.O_RDONLY, shown, "read", allow_links=True)
-            with os.fdopen(fd, "rb") as f:
-                return f.read()
+        with self.open_read(rel) as handle:
+            return handle.read_at(0, handle.size)
 
     def open_append(self, rel: RelPath) -> TextIO:
         """Line-buffered UTF-8 text stream appending to ``rel`` (JSON-lines logs).

@@ -3,7 +3,6 @@ runs real coordinator and agent processes over real sockets in a temporary run d
 
 from __future__ import annotations
 
-import io
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,16 +50,12 @@ class SimulationResult:
 
 def simulate(model: Path, run_dir: Path, **options: Any) -> SimulationResult:
     """One real run: coordinator and agents as separate processes, this process as the launcher."""
-    from rich.console import Console
-
-    from coordinator.simulate import SimulateOptions, execute_run, plan_run
+    from coordinator.simulate import SimulateOptions, run_quietly
 
     opts = SimulateOptions(model=str(model), run_dir=str(run_dir), threads=options.pop("threads", 1), **options)
-    buffer = io.StringIO()
-    run = plan_run(opts, model, model.name)
-    code, results = execute_run(opts, run, Console(file=buffer, width=160))
-    assert results is not None, buffer.getvalue() + _tail(run_dir / "logs" / "coordinator.stderr")
-    return SimulationResult(code, results, run_dir, buffer.getvalue())
+    code, results, _, output = run_quietly(opts, model)
+    assert results is not None, output + _tail(run_dir / "logs" / "coordinator.stderr")
+    return SimulationResult(code, results, run_dir, output)
 
 
 def expected_prefix(order: list[int] | tuple[int, ...], plan: Any) -> list[int]:
