@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: venv prepare simulate chaos chaos-soak replay bench test test-fast clean-runs
+.PHONY: venv prepare simulate chaos chaos-soak replay bench lint test test-fast clean-runs
 
 # The documented fault-injection default: two agents SIGKILLed at different points and
 # respawned, and the coordinator SIGKILLed at 60% of all bytes and resumed from the sandbox.
@@ -25,23 +25,29 @@ $(STAMP): pyproject.toml
 venv: $(STAMP)
 
 prepare: $(STAMP)
-	$(PY) -m coordinator prepare $(ARGS)
+	$(PY) -m coordinator.launch prepare $(ARGS)
 
 simulate: $(STAMP)
-	$(PY) -m coordinator simulate $(ARGS)
+	$(PY) -m coordinator.launch simulate $(ARGS)
 
 chaos: $(STAMP)
-	$(PY) -m coordinator simulate $(CHAOS_ARGS) $(ARGS)
+	$(PY) -m coordinator.launch simulate $(CHAOS_ARGS) $(ARGS)
 
 chaos-soak: $(STAMP)
 	$(PY) tests/checkpoints.py artifacts/source/tiny-llama-8 8
-	$(PY) -m coordinator soak --model artifacts/source/tiny-llama-8 --runs $(SOAK_RUNS) --seed 0 --out artifacts/chaos-soak.json $(ARGS)
+	$(PY) -m coordinator.launch soak --model artifacts/source/tiny-llama-8 --runs $(SOAK_RUNS) --seed 0 --out artifacts/chaos-soak.json $(ARGS)
 
 bench: $(STAMP)
-	$(PY) -m coordinator bench $(ARGS)
+	$(PY) -m coordinator.launch bench $(ARGS)
 
 replay: $(STAMP)
-	$(PY) -m coordinator replay $(RUN) $(ARGS)
+	$(PY) -m coordinator.launch replay $(RUN) $(ARGS)
+
+# ruff (lint + format) and mypy (strict on protocol/, sandbox/ and the core): configured in pyproject.toml.
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
 
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)

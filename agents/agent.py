@@ -16,24 +16,25 @@ from typing import Any
 
 import zmq
 
-from agents.eventlog import log_start, open_event_log, open_log_file
-from agents.keys import configure_client
 from agents.source import SourceCheckpoint
+from protocol import log_events as E
 from protocol.errors import ProtocolError
-from protocol.messages import decode_from_coordinator, encode, expand_want
+from protocol.eventlog import log_start, open_event_log
+from protocol.exit_codes import AgentExit
+from protocol.messages import Frame, Message, decode_from_coordinator, encode, expand_want
 from protocol.plan import Fragment, Plan
 from protocol.version import PROTOCOL_VERSION
-from sandbox import Sandbox
-
-EXIT_COMMITTED = 0
-EXIT_BAD_SETUP = 2
-EXIT_NO_WELCOME = 3
-EXIT_REJECTED = 4
-EXIT_COORDINATOR_LOST = 5
+from sandbox import Sandbox, layout
 
 HEARTBEAT_S = 0.5
 WELCOME_TIMEOUT_S = 30.0
 COORDINATOR_DEAD_S = 10.0
+
+
+def configure_client(sock: zmq.Socket[Any], run_dir: Path, fragment: int, server_public: str) -> None:
+    """CURVE as this fragment's agent: its own key pair from the run's keys/, the coordinator's public key."""
+    sock.curve_publickey, sock.curve_secretkey = layout.read_key_pair(run_dir, fragment)
+    sock.curve_serverkey = server_public.encode()
 
 
 class SourceMismatch(ValueError):
@@ -46,19 +47,35 @@ def check_source(fragment: Fragment, source: SourceCheckpoint) -> None:
         if item.kind == "file":
             size = (source.directory / item.source_file).stat().st_size
             if size != item.nbytes:
-                raise SourceMismatch(f"file {item.name}: {size} bytes in the source, expected {item.nbytes} from the plan")
+                raise SourceMismatch(
+                    f"file {item.name}: {size} bytes in the source, expected {item.nbytes} from the plan"
+                )
             continue
         loc = source.tensors.get(item.name)
         if loc is None:
             raise SourceMismatch(f"tensor {item.name}: absent from the source {source.directory}, expected by the plan")
         if (loc.file, loc.offset, loc.nbytes, loc.dtype, loc.shape) != (
-                item.source_file, item.source_offset, item.nbytes, item.dtype, item.shape):
+            item.source_file,
+            item.source_offset,
+            item.nbytes,
+            item.dtype,
+            item.shape,
+        ):
             raise SourceMismatch(f"tensor {item.name}: source has {loc}, the plan expects {item}")
 
 
 class Agent:
-    def __init__(self, run_dir: Path, plan: Plan, fragment_index: int, endpoint: str, *, log: Any,
-                 heartbeat_s: float = HEARTBEAT_S, coordinator_dead_s: float = COORDINATOR_DEAD_S) -> None:
+    def __init__(
+        self,
+        run_dir: Path,
+        plan: Plan,
+        fragment_index: int,
+        endpoint: str,
+        *,
+        log: Any,
+        heartbeat_s: float = HEARTBEAT_S,
+        coordinator_dead_s: float = COORDINATOR_DEAD_S,
+    ) -> None:
         self.run_dir = run_dir
         self.plan = plan
         if not 0 <= fragment_index < len(self.plan.fragments):
@@ -79,7 +96,7 @@ class Agent:
         return self.source.view(item.source_file, item.source_offset + start, length)
 
     def run(self) -> int:
-        ctx = zmq.Context.instance()
+        ctx: zmq.Context[Any] = zmq.Context.instance()
         sock = ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 2000)
         curve = self.plan.extra.get("curve")
@@ -92,22 +109,31 @@ class Agent:
             sock.close()
             self.source.close()
 
-    def _hello_frames(self) -> list:
+    def _hello_frames(self) -> list[Frame]:
         f = self.fragment
-        return encode("HELLO", {
-            "v": PROTOCOL_VERSION, "run": self.plan.run_id, "plan": self.plan.digest, "fragment": f.index,
-            "first_layer": f.first_layer, "last_layer": f.last_layer, "pid": os.getpid()})
+        return encode(
+            "HELLO",
+            {
+                "v": PROTOCOL_VERSION,
+                "run": self.plan.run_id,
+                "plan": self.plan.digest,
+                "fragment": f.index,
+                "first_layer": f.first_layer,
+                "last_layer": f.last_layer,
+                "pid": os.getpid(),
+            },
+        )
 
-    def _session(self, sock: zmq.Socket) -> int:
+    def _session(self, sock: zmq.Socket[Any]) -> int:
         f = self.fragment
         sock.send_multipart(self._hello_frames())
-        self.log.info("agent.hello", endpoint=self.endpoint, layers=f.label, nbytes=f.nbytes)
+        self.log.info(E.AGENT_HELLO, endpoint=self.endpoint, layers=f.label, nbytes=f.nbytes)
         welcome = self._await_welcome(sock)
-        if isinstance(welcome, int):
+        if isinstance(welcome, AgentExit):
             return welcome
         queue: deque[tuple[int, int]] = deque(expand_want(welcome.header["want"]))
         credit = welcome.header["credit"]
-        self.log.info("agent.welcome", pieces_wanted=len(queue), pieces_total=f.num_pieces, credit=credit)
+        self.log.info(E.AGENT_WELCOME, pieces_wanted=len(queue), pieces_total=f.num_pieces, credit=credit)
         started = last_send = last_recv = time.monotonic()
         while True:
             while credit > 0 and queue:
@@ -124,7 +150,7 @@ class Agent:
                     try:
                         msg = decode_from_coordinator(sock.recv_multipart())
                     except ProtocolError as exc:
-                        self.log.warning("agent.bad_message", **exc.as_dict())
+                        self.log.warning(E.AGENT_BAD_MESSAGE, **exc.as_dict())
                         continue
                     last_recv = time.monotonic()
                     if msg.kind == "CREDIT":
@@ -132,26 +158,30 @@ class Agent:
                     elif msg.kind == "WANT":
                         again = expand_want(msg.header["want"])
                         queue.extend(again)
-                        self.log.info("agent.want", pieces=len(again))
+                        self.log.info(E.AGENT_WANT, pieces=len(again))
                     elif msg.kind == "REJECT":
-                        self.log.warning("agent.rejected", **msg.header)
+                        self.log.warning(E.AGENT_REJECTED, **msg.header)
                         if msg.header["fatal"]:
-                            return EXIT_REJECTED
+                            return AgentExit.REJECTED
                     elif msg.kind == "COMMITTED":
                         seconds = time.monotonic() - started
-                        self.log.info("agent.committed", sent_bytes=self.sent_bytes, sent_pieces=self.sent_pieces,
-                                      seconds=round(seconds, 6))
+                        self.log.info(
+                            E.AGENT_COMMITTED,
+                            sent_bytes=self.sent_bytes,
+                            sent_pieces=self.sent_pieces,
+                            seconds=round(seconds, 6),
+                        )
                         sock.send_multipart(encode("BYE", {}))
-                        return EXIT_COMMITTED
+                        return AgentExit.COMMITTED
             now = time.monotonic()
             if now - last_send >= self.heartbeat_s:
                 sock.send_multipart(encode("HEARTBEAT", {}))
                 last_send = now
             if now - last_recv > self.coordinator_dead_s:
-                self.log.error("agent.coordinator_lost", silent_s=round(now - last_recv, 3))
-                return EXIT_COORDINATOR_LOST
+                self.log.error(E.AGENT_COORDINATOR_LOST, silent_s=round(now - last_recv, 3))
+                return AgentExit.COORDINATOR_LOST
 
-    def _await_welcome(self, sock: zmq.Socket):
+    def _await_welcome(self, sock: zmq.Socket[Any]) -> Message | AgentExit:
         deadline = time.monotonic() + WELCOME_TIMEOUT_S
         while time.monotonic() < deadline:
             if not sock.poll(int(self.heartbeat_s * 1000), zmq.POLLIN):
@@ -159,38 +189,38 @@ class Agent:
             try:
                 msg = decode_from_coordinator(sock.recv_multipart())
             except ProtocolError as exc:
-                self.log.warning("agent.bad_message", **exc.as_dict())
+                self.log.warning(E.AGENT_BAD_MESSAGE, **exc.as_dict())
                 continue
             if msg.kind == "WELCOME":
                 return msg
             if msg.kind == "REJECT" and msg.header.get("retry") is True:
                 # Our fragment is still held by a predecessor the coordinator has not yet declared
                 # dead: ask again after a heartbeat.
-                self.log.info("agent.retry_hello", **msg.header)
+                self.log.info(E.AGENT_RETRY_HELLO, **msg.header)
                 time.sleep(self.heartbeat_s)
                 sock.send_multipart(self._hello_frames())
                 continue
             if msg.kind == "REJECT":
-                self.log.error("agent.rejected", **msg.header)
-                return EXIT_REJECTED
-        self.log.error("agent.no_welcome", waited_s=WELCOME_TIMEOUT_S)
-        return EXIT_NO_WELCOME
+                self.log.error(E.AGENT_REJECTED, **msg.header)
+                return AgentExit.REJECTED
+        self.log.error(E.AGENT_NO_WELCOME, waited_s=WELCOME_TIMEOUT_S)
+        return AgentExit.NO_WELCOME
 
 
 def main_agent(run_dir: str, fragment: int, endpoint: str) -> int:
     root = Path(run_dir).resolve()
     box = Sandbox(root)
-    box.mkdir("logs")
-    stream = open_log_file(box, f"logs/agent_{fragment:02d}.jsonl")
-    plan = Plan.loads((root / "plan.json").read_bytes())
+    box.mkdir(layout.LOGS)
+    stream = box.open_log(layout.agent_log(fragment))
+    plan = Plan.loads((root / layout.PLAN).read_bytes())
     log = open_event_log(stream, run_id=plan.run_id, role="agent", fragment=fragment)
     log_start(log, pid=os.getpid(), endpoint=endpoint, plan_digest=plan.digest)
     try:
         agent = Agent(root, plan, fragment, endpoint, log=log)
     except (ValueError, OSError) as exc:
-        log.error("agent.setup_failed", error=str(exc))
+        log.error(E.AGENT_SETUP_FAILED, error=str(exc))
         print(f"agent {fragment}: {exc}", flush=True)
-        return EXIT_BAD_SETUP
+        return AgentExit.BAD_SETUP
     code = agent.run()
-    log.info("process.exit", code=code)
-    return code
+    log.info(E.PROCESS_EXIT, code=int(code))
+    return int(code)

@@ -8,6 +8,7 @@ import mmap
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from protocol.layers import layer_of
 from protocol.safetensors_format import parse_header
@@ -35,34 +36,45 @@ class TensorLocation:
 class SourceCheckpoint:
     """A Hugging Face checkpoint directory holding one or more safetensors files."""
 
-    def __init__(self, directory: str | os.PathLike) -> None:
+    def __init__(self, directory: str | os.PathLike[str]) -> None:
         self.directory = Path(directory).resolve()
         if not (self.directory / "config.json").is_file():
             raise FileNotFoundError(f"{self.directory}: no config.json; expected a Hugging Face checkpoint directory")
         files = sorted(p.name for p in self.directory.glob("*.safetensors"))
         if not files:
             raise FileNotFoundError(
-                f"{self.directory}: no *.safetensors files; run `fragsim prepare --model {self.directory}` to convert it")
+                f"{self.directory}: no *.safetensors files; "
+                f"run `fragsim prepare --model {self.directory}` to convert it"
+            )
         self.tensors: dict[str, TensorLocation] = {}
         for fname in files:
             for loc in _read_locations(self.directory, fname):
                 if loc.name in self.tensors:
-                    raise ValueError(f"tensor {loc.name} appears in {self.tensors[loc.name].file} and {fname}; expected once")
+                    raise ValueError(
+                        f"tensor {loc.name} appears in {self.tensors[loc.name].file} and {fname}; expected once"
+                    )
                 self.tensors[loc.name] = loc
-        self._maps: dict[str, mmap.mmap] = {}
+        self._maps: dict[str, mmap.mmap | None] = {}
 
     @property
-    def config(self) -> dict:
-        return json.loads((self.directory / "config.json").read_text())
+    def config(self) -> dict[str, Any]:
+        config: dict[str, Any] = json.loads((self.directory / "config.json").read_text())
+        return config
 
     def side_files(self) -> list[str]:
         """Config, tokenizer and generation files that travel with fragment 0."""
         names = []
         for path in sorted(self.directory.iterdir()):
             name = path.name
-            if (path.is_file() and not path.is_symlink() and not name.startswith(".")
-                    and not name.endswith(_WEIGHT_SUFFIXES) and not name.endswith(".index.json")
-                    and name not in _NOT_SHIPPED and path.stat().st_size <= _MAX_SIDE_FILE):
+            if (
+                path.is_file()
+                and not path.is_symlink()
+                and not name.startswith(".")
+                and not name.endswith(_WEIGHT_SUFFIXES)
+                and not name.endswith(".index.json")
+                and name not in _NOT_SHIPPED
+                and path.stat().st_size <= _MAX_SIDE_FILE
+            ):
                 names.append(name)
         return names
 
@@ -75,8 +87,8 @@ class SourceCheckpoint:
                 raise ValueError(f"source file {file!r}: expected a file directly inside {self.directory}")
             with open(path, "rb") as fh:  # read-only: agents never write to the source
                 size = os.fstat(fh.fileno()).st_size
-                mapping = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) if size else None  # type: ignore[assignment]
-            self._maps[file] = mapping  # type: ignore[assignment]
+                mapping = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) if size else None
+            self._maps[file] = mapping
         if mapping is None:
             if nbytes:
                 raise ValueError(f"{file}: empty file, expected {nbytes} bytes at {offset}")

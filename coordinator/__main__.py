@@ -1,5 +1,25 @@
+"""`python -m coordinator --run-dir DIR`: the coordinator service alone, as the launcher starts it."""
+
+from __future__ import annotations
+
+import argparse
 import sys
 
-from coordinator.cli import main
+from protocol.run_settings import DEFAULT_BIND
 
-sys.exit(main())
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m coordinator", description=__doc__)
+    parser.add_argument("--run-dir", required=True, help="a planned run directory (plan.json, run.json, keys/)")
+    parser.add_argument("--bind", default=DEFAULT_BIND, help="endpoint to bind (default loopback, a free port)")
+    parser.add_argument("--control-stdin", action="store_true", help="read launcher control lines on stdin")
+    parser.add_argument("--faults", help="fault-injection points as JSON (set by the launcher)")
+    parser.add_argument("--quota-bytes", type=int, help="byte quota of the run directory (default: from the plan)")
+    args = parser.parse_args(argv)
+    from coordinator.server import serve
+
+    return serve(args.run_dir, args.bind, args.control_stdin, args.faults, args.quota_bytes)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -8,12 +8,33 @@ because only the plan is trusted.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from coordinator.events import (
-    AgentDead, AgentExited, Arrival, Ban, Bye, Chunk, EndOfAgents, Finish, Forget, Heartbeat, Hello, Malformed,
-    Promote, Reassemble, Restored, Send, Tick, Verified, Verify, Write,
+    Action,
+    AgentDead,
+    AgentExited,
+    Arrival,
+    Ban,
+    Bye,
+    Chunk,
+    EndOfAgents,
+    Event,
+    Finish,
+    Forget,
+    Heartbeat,
+    Hello,
+    Malformed,
+    Promote,
+    Reassemble,
+    Restored,
+    Send,
+    Tick,
+    Verified,
+    Verify,
+    Write,
 )
 from protocol.messages import want_ranges
 from protocol.plan import Plan
@@ -43,8 +64,6 @@ class FragmentState:
     attempts: int = 0
     first_chunk_t: float | None = None
     last_chunk_t: float | None = None
-    hello_t: float | None = None
-    committed_t: float | None = None
     deaths: int = 0
     lost_s: float = 0.0  # time between an agent's death and the next HELLO for the fragment
     dead_t: float | None = None
@@ -70,11 +89,15 @@ class Core:
         self.prefix: list[int] = []
         self.checkpoints = 0
         self.finished = False
-        self.sent_before: list[list[bytearray]] = [[bytearray(len(it.pieces)) for it in f.items] for f in plan.fragments]
+        self.sent_before: list[list[bytearray]] = [
+            [bytearray(len(it.pieces)) for it in f.items] for f in plan.fragments
+        ]
 
     def _fresh(self, index: int) -> FragmentState:
         items = self.plan.fragments[index].items
-        return FragmentState(have=[bytearray(len(it.pieces)) for it in items], missing=sum(len(it.pieces) for it in items))
+        return FragmentState(
+            have=[bytearray(len(it.pieces)) for it in items], missing=sum(len(it.pieces) for it in items)
+        )
 
     # ---- public read-only views -------------------------------------------------------
 
@@ -87,19 +110,25 @@ class Core:
 
     # ---- dispatch -----------------------------------------------------------------------
 
-    def handle(self, event: Any) -> list[Any]:
+    def handle(self, event: Event) -> list[Action]:
         if self.finished:
             return []
-        handler = getattr(self, "_on_" + event.type)
+        handler: Callable[[Event], list[Action]] = getattr(self, "_on_" + event.type)
         return handler(event)
 
-    def _on_hello(self, ev: Hello) -> list[Any]:
+    def _on_hello(self, ev: Hello) -> list[Action]:
         peer = self._peer(ev.peer, ev.t)
         if peer.banned:
             return []
         h = ev.header
         if peer.fragment is not None:
-            return self._reject(ev.peer, "HELLO", h.get("fragment"), f"one HELLO per connection (already fragment {peer.fragment})", fatal=False)
+            return self._reject(
+                ev.peer,
+                "HELLO",
+                h.get("fragment"),
+                f"one HELLO per connection (already fragment {peer.fragment})",
+                fatal=False,
+            )
         if h["v"] != PROTOCOL_VERSION:
             return self._reject(ev.peer, "HELLO.v", h["v"], f"protocol version {PROTOCOL_VERSION}")
         if h["run"] != self.plan.run_id:
@@ -114,40 +143,63 @@ class Core:
         if curve is not None:  # a key speaks for exactly one fragment: the one the plan gave it
             owner = next((int(f) for f, key in curve["agents"].items() if key == ev.key), None)
             if owner != index:
-                return self._reject(ev.peer, "HELLO.key", "an unknown key" if owner is None else
-                                    f"the key of fragment {owner}", f"the key of fragment {index} from the plan")
+                return self._reject(
+                    ev.peer,
+                    "HELLO.key",
+                    "an unknown key" if owner is None else f"the key of fragment {owner}",
+                    f"the key of fragment {index} from the plan",
+                )
         if (h["first_layer"], h["last_layer"]) != (spec.first_layer, spec.last_layer):
-            return self._reject(ev.peer, "HELLO.layers", f"{h['first_layer']}-{h['last_layer']}",
-                                f"{spec.label} for fragment {index} in the plan")
+            return self._reject(
+                ev.peer,
+                "HELLO.layers",
+                f"{h['first_layer']}-{h['last_layer']}",
+                f"{spec.label} for fragment {index} in the plan",
+            )
         state = self.fragments[index]
         if state.status == COMMITTED:
             return self._reject(ev.peer, "HELLO.fragment", index, "a fragment not yet committed (it is committed)")
         if state.status in (LIVE, VERIFYING) and state.peer is not None:
             # Retryable: a respawned agent can arrive before its dead predecessor is noticed.
-            return self._reject(ev.peer, "HELLO.fragment", index,
-                                f"a fragment without a live agent (peer {state.peer} holds it)", retry=True)
+            return self._reject(
+                ev.peer,
+                "HELLO.fragment",
+                index,
+                f"a fragment without a live agent (peer {state.peer} holds it)",
+                retry=True,
+            )
         peer.fragment, peer.pid = index, h["pid"]
         state.peer = ev.peer
         state.attempts += 1
-        state.hello_t = ev.t
         if state.dead_t is not None:
             state.lost_s += ev.t - state.dead_t
             state.dead_t = None
         want = self._want(index)
-        actions: list[Any] = []
+        actions: list[Action] = []
         if state.status == VERIFYING:
             peer.credit = 0
         else:
             state.status = LIVE
             peer.credit = min(self.settings.credit, max(state.missing, 1))
-        actions.append(Send(ev.peer, "WELCOME", {"v": PROTOCOL_VERSION, "fragment": index, "want": want,
-                                                 "credit": peer.credit, "heartbeat_ms": self.settings.heartbeat_ms}))
+        actions.append(
+            Send(
+                ev.peer,
+                "WELCOME",
+                {
+                    "v": PROTOCOL_VERSION,
+                    "fragment": index,
+                    "want": want,
+                    "credit": peer.credit,
+                    "heartbeat_ms": self.settings.heartbeat_ms,
+                },
+            )
+        )
         if state.status == LIVE and state.missing == 0:
             state.status = VERIFYING
             actions.append(Verify(index))
         return actions
 
-    def _on_chunk(self, ev: Chunk) -> list[Any]:
+    def _on_chunk(self, ev: Chunk) -> list[Action]:
         peer = self._peer(ev.peer, ev.t)
         if peer.banned:
             return []
@@ -160,7 +212,7 @@ class Core:
         if peer.credit <= 0:
             return self._reject(ev.peer, "CHUNK", "over credit", "at most the granted credit in flight", fatal=False)
         peer.credit -= 1
-        actions: list[Any] = []
+        actions: list[Action] = []
         problem = self._check_chunk(index, ev)
         if problem is not None:
             state.rejected_chunks += 1
@@ -204,11 +256,11 @@ class Core:
             return ("CHUNK.digest", ev.digest, f"{item.pieces[ev.piece]} (piece {ev.piece} of {item.name})")
         return None
 
-    def _on_heartbeat(self, ev: Heartbeat) -> list[Any]:
+    def _on_heartbeat(self, ev: Heartbeat) -> list[Action]:
         self._peer(ev.peer, ev.t)
         return []
 
-    def _on_bye(self, ev: Bye) -> list[Any]:
+    def _on_bye(self, ev: Bye) -> list[Action]:
         peer = self.peers.pop(ev.peer, None)
         if peer is None or peer.fragment is None:
             return []
@@ -220,7 +272,7 @@ class Core:
                 state.dead_t = ev.t
         return []
 
-    def _on_malformed(self, ev: Malformed) -> list[Any]:
+    def _on_malformed(self, ev: Malformed) -> list[Action]:
         peer = self._peer(ev.peer, ev.t)
         if peer.banned:
             return []
@@ -229,8 +281,8 @@ class Core:
             return [Ban(ev.peer, "too many rejected messages")]
         return actions
 
-    def _on_tick(self, ev: Tick) -> list[Any]:
-        actions: list[Any] = []
+    def _on_tick(self, ev: Tick) -> list[Action]:
+        actions: list[Action] = []
         for name in sorted(self.peers):
             peer = self.peers[name]
             if ev.t - peer.last_seen <= self.settings.dead_after_s:
@@ -239,17 +291,20 @@ class Core:
                 del self.peers[name]
                 actions.append(Forget(name))
             else:
-                actions += self._bury(name, ev.t, f"silent for {ev.t - peer.last_seen:.1f}s "
-                                                  f"(> {self.settings.dead_after_s}s of missed heartbeats)")
+                actions += self._bury(
+                    name,
+                    ev.t,
+                    f"silent for {ev.t - peer.last_seen:.1f}s (> {self.settings.dead_after_s}s of missed heartbeats)",
+                )
         return actions
 
-    def _on_agent_exited(self, ev: AgentExited) -> list[Any]:
+    def _on_agent_exited(self, ev: AgentExited) -> list[Action]:
         for name in sorted(self.peers):
             if self.peers[name].pid == ev.pid and self.peers[name].fragment is not None:
                 return self._bury(name, ev.t, f"process {ev.pid} exited")
         return []
 
-    def _bury(self, name: str, t: float, reason: str) -> list[Any]:
+    def _bury(self, name: str, t: float, reason: str) -> list[Action]:
         peer = self.peers.pop(name)
         index = peer.fragment
         if index is not None:
@@ -262,7 +317,7 @@ class Core:
                     state.dead_t = t
         return [AgentDead(name, index, reason)]
 
-    def _on_verified(self, ev: Verified) -> list[Any]:
+    def _on_verified(self, ev: Verified) -> list[Action]:
         state = self.fragments[ev.fragment]
         if state.status != VERIFYING:
             return []
@@ -275,17 +330,18 @@ class Core:
                 pieces[:] = bytearray(len(pieces))
             state.status = LIVE if state.peer else WAITING
             if state.peer:
-                return [Send(state.peer, "WANT", {"want": self._want(ev.fragment)}),
-                        Send(state.peer, "CREDIT", {"n": self.settings.credit})]
+                return [
+                    Send(state.peer, "WANT", {"want": self._want(ev.fragment)}),
+                    Send(state.peer, "CREDIT", {"n": self.settings.credit}),
+                ]
             return []
         state.status = COMMITTED
-        state.committed_t = ev.t
-        actions: list[Any] = [Promote(ev.fragment)]
+        actions: list[Action] = [Promote(ev.fragment)]
         if state.peer:
             actions.append(Send(state.peer, "COMMITTED", {"fragment": ev.fragment}))
         return actions + self._arrive(ev.fragment)
 
-    def _arrive(self, index: int) -> list[Any]:
+    def _arrive(self, index: int) -> list[Action]:
         before = list(self.prefix)
         prefix: list[int] = []
         for i, state in enumerate(self.fragments):
@@ -296,17 +352,17 @@ class Core:
         grew = len(prefix) > len(before)
         arrival = Arrival(len(self.arrivals) + 1, index, self.prefix_layers, list(prefix), grew)
         self.arrivals.append(arrival)
-        actions: list[Any] = [arrival]
+        actions: list[Action] = [arrival]
         if grew:
             self.checkpoints += 1
-            actions.append(Reassemble(self.checkpoints, self.prefix_layers, list(prefix), prefix[len(before):]))
+            actions.append(Reassemble(self.checkpoints, self.prefix_layers, list(prefix), prefix[len(before) :]))
         if not self.missing_fragments():
             self.finished = True
             actions.append(Finish(True, []))
         return actions
 
-    def _on_restored(self, ev: Restored) -> list[Any]:
-        actions: list[Any] = []
+    def _on_restored(self, ev: Restored) -> list[Action]:
+        actions: list[Action] = []
         for key, items in ev.pieces.items():
             index = int(key)
             state = self.fragments[index]
@@ -337,7 +393,7 @@ class Core:
                 actions.append(Verify(index))
         return actions
 
-    def _on_end_of_agents(self, ev: EndOfAgents) -> list[Any]:
+    def _on_end_of_agents(self, ev: EndOfAgents) -> list[Action]:
         self.finished = True
         return [Finish(not self.missing_fragments(), self.missing_fragments())]
 
@@ -359,27 +415,52 @@ class Core:
                 want.append([item, want_ranges(missing)])
         return want
 
-    def _reject(self, peer_name: str, fld: str, value: Any, expected: str, *, fatal: bool = True,
-                retry: bool = False) -> list[Any]:
+    def _reject(
+        self, peer_name: str, fld: str, value: Any, expected: str, *, fatal: bool = True, retry: bool = False
+    ) -> list[Action]:
         peer = self.peers[peer_name]
         if not retry:  # waiting politely for a fragment is not misbehaviour
             peer.strikes += 1
         if peer.strikes >= self.settings.max_strikes:
             peer.banned = True
-        return [Send(peer_name, "REJECT", {"reason": f"{fld}: got {value!r}, expected {expected}", "field": fld,
-                                           "value": value if isinstance(value, (int, str, type(None))) else repr(value),
-                                           "expected": expected, "fatal": fatal, "retry": retry})]
+        return [
+            Send(
+                peer_name,
+                "REJECT",
+                {
+                    "reason": f"{fld}: got {value!r}, expected {expected}",
+                    "field": fld,
+                    "value": value if isinstance(value, (int, str, type(None))) else repr(value),
+                    "expected": expected,
+                    "fatal": fatal,
+                    "retry": retry,
+                },
+            )
+        ]
 
     def fragment_stats(self) -> list[dict[str, Any]]:
         out = []
-        for index, (spec, s) in enumerate(zip(self.plan.fragments, self.fragments)):
-            seconds = (s.last_chunk_t - s.first_chunk_t) if s.first_chunk_t is not None and s.last_chunk_t is not None else None
-            out.append({
-                "fragment": index, "layers": spec.label, "status": s.status, "bytes": spec.nbytes,
-                "received_bytes": s.received_bytes, "resent_bytes": s.resent_bytes,
-                "duplicate_bytes": s.duplicate_bytes, "rejected_chunks": s.rejected_chunks,
-                "attempts": s.attempts, "deaths": s.deaths, "lost_s": round(s.lost_s, 6),
-                "transfer_s": round(seconds, 6) if seconds is not None else None,
-                "mb_per_s": round(spec.nbytes / seconds / 1e6, 1) if seconds else None,
-            })
+        for index, (spec, s) in enumerate(zip(self.plan.fragments, self.fragments, strict=True)):
+            seconds = (
+                (s.last_chunk_t - s.first_chunk_t)
+                if s.first_chunk_t is not None and s.last_chunk_t is not None
+                else None
+            )
+            out.append(
+                {
+                    "fragment": index,
+                    "layers": spec.label,
+                    "status": s.status,
+                    "bytes": spec.nbytes,
+                    "received_bytes": s.received_bytes,
+                    "resent_bytes": s.resent_bytes,
+                    "duplicate_bytes": s.duplicate_bytes,
+                    "rejected_chunks": s.rejected_chunks,
+                    "attempts": s.attempts,
+                    "deaths": s.deaths,
+                    "lost_s": round(s.lost_s, 6),
+                    "transfer_s": round(seconds, 6) if seconds is not None else None,
+                    "mb_per_s": round(spec.nbytes / seconds / 1e6, 1) if seconds else None,
+                }
+            )
         return out

@@ -3,18 +3,15 @@ agreement with the baseline and next-token divergence from it."""
 
 from __future__ import annotations
 
+import itertools
 import math
 import re
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import torch
-
-DEFAULT_PROMPT = "The capital of France is"
-DEFAULT_MAX_NEW_TOKENS = 24
-LABELS = ("coherent", "repetition loop", "whitespace collapse", "empty")
 
 
 @dataclass
@@ -32,7 +29,8 @@ def set_determinism(threads: int) -> None:
 
 
 def prompt_ids(tokenizer: Any, prompt: str) -> torch.Tensor:
-    return tokenizer(prompt, return_tensors="pt")["input_ids"]
+    ids: torch.Tensor = tokenizer(prompt, return_tensors="pt")["input_ids"]
+    return ids
 
 
 @torch.inference_mode()
@@ -40,10 +38,20 @@ def generate(model: Any, tokenizer: Any, prompt: str, max_new_tokens: int) -> Ge
     ids = prompt_ids(tokenizer, prompt)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     started = time.perf_counter()
-    out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=max_new_tokens,
-                         min_new_tokens=0, pad_token_id=pad, num_beams=1, temperature=None, top_p=None, top_k=None)
+    out = model.generate(
+        ids,
+        attention_mask=torch.ones_like(ids),
+        do_sample=False,
+        max_new_tokens=max_new_tokens,
+        min_new_tokens=0,
+        pad_token_id=pad,
+        num_beams=1,
+        temperature=None,
+        top_p=None,
+        top_k=None,
+    )
     seconds = time.perf_counter() - started
-    tokens = out[0, ids.shape[1]:].tolist()
+    tokens = out[0, ids.shape[1] :].tolist()
     text = tokenizer.decode(tokens, skip_special_tokens=True)
     return Generation(tokens, text, seconds, label_text(text, tokens))
 
@@ -52,7 +60,8 @@ def generate(model: Any, tokenizer: Any, prompt: str, max_new_tokens: int) -> Ge
 def sequence_logits(model: Any, ids: list[int]) -> torch.Tensor:
     """Teacher-forced logits over a token sequence, shape [len(ids), vocab], float32."""
     out = model(torch.tensor([ids]), use_cache=False)
-    return out.logits[0].float()
+    logits: torch.Tensor = out.logits[0].float()
+    return logits
 
 
 def label_text(text: str, tokens: list[int]) -> str:
@@ -70,8 +79,9 @@ def _whitespace_collapse(text: str) -> bool:
     # Mostly whitespace/punctuation, or long runs of newlines/spaces: the model is emitting filler.
     visible = re.sub(r"\s", "", text)
     words = re.findall(r"\w+", text)
-    return len(visible) < 0.35 * len(text) or re.search(r"\s{6,}", text) is not None or (
-        len(words) == 0 and len(text) > 3)
+    return (
+        len(visible) < 0.35 * len(text) or re.search(r"\s{6,}", text) is not None or (len(words) == 0 and len(text) > 3)
+    )
 
 
 def _repetition_loop(tokens: list[int], text: str) -> bool:
@@ -80,12 +90,12 @@ def _repetition_loop(tokens: list[int], text: str) -> bool:
     if n < 6:
         return False
     for period in range(1, min(8, n // 3) + 1):
-        tail = tokens[-3 * period:]
+        tail = tokens[-3 * period :]
         if tail == tail[:period] * 3:
             return True
     words = re.findall(r"\w+", text.lower())
     if len(words) >= 6:
-        bigrams = Counter(zip(words, words[1:]))
+        bigrams = Counter(itertools.pairwise(words))
         top = bigrams.most_common(1)[0][1]
         if top >= 3 and top * 2 >= len(words) // 2:
             return True
@@ -93,23 +103,20 @@ def _repetition_loop(tokens: list[int], text: str) -> bool:
 
 
 def agreement(tokens: list[int], baseline: list[int]) -> dict[str, int]:
-    same = sum(1 for a, b in zip(tokens, baseline) if a == b)
+    # a partial model may stop early (EOS): compare the positions both have
+    same = sum(1 for a, b in zip(tokens, baseline, strict=False) if a == b)
     prefix = 0
-    for a, b in zip(tokens, baseline):
+    for a, b in zip(tokens, baseline, strict=False):
         if a != b:
             break
         prefix += 1
     return {"agree_tokens": same, "agree_prefix": prefix}
 
 
-def divergence(logits: torch.Tensor, baseline: torch.Tensor) -> dict[str, float]:
+def divergence(logits: torch.Tensor, baseline: torch.Tensor) -> dict[str, float | None]:
     """Mean KL(baseline || partial) and top-1 agreement over teacher-forced positions."""
     base_logp = torch.log_softmax(baseline.double(), dim=-1)
     logp = torch.log_softmax(logits.double(), dim=-1)
     kl = (base_logp.exp() * (base_logp - logp)).sum(-1).mean().item()
     top1 = (logits.argmax(-1) == baseline.argmax(-1)).double().mean().item()
     return {"kl_to_baseline": round(kl, 6) if math.isfinite(kl) else None, "top1_agreement": round(top1, 4)}
-
-
-def as_dict(gen: Generation) -> dict[str, Any]:
-    return asdict(gen)

@@ -21,6 +21,7 @@ class _Record:
 
 # ---- events (inputs); `t` is the loop's monotonic clock, never read inside the core ----
 
+
 @dataclass(frozen=True)
 class Hello(_Record):
     type: ClassVar[str] = "hello"
@@ -58,6 +59,7 @@ class Bye(_Record):
 @dataclass(frozen=True)
 class Malformed(_Record):
     """A message that failed structural validation in protocol.messages."""
+
     type: ClassVar[str] = "malformed"
     t: float
     peer: str
@@ -82,6 +84,7 @@ class AgentExited(_Record):
 @dataclass(frozen=True)
 class Verified(_Record):
     """Result of re-reading a complete fragment from disk and hashing it against the plan."""
+
     type: ClassVar[str] = "verified"
     t: float
     fragment: int
@@ -91,6 +94,7 @@ class Verified(_Record):
 @dataclass(frozen=True)
 class Restored(_Record):
     """State found in the sandbox when a coordinator (re)starts: committed fragments and verified pieces."""
+
     type: ClassVar[str] = "restored"
     t: float
     committed: list[int]
@@ -100,16 +104,19 @@ class Restored(_Record):
 @dataclass(frozen=True)
 class EndOfAgents(_Record):
     """The launcher will start no more agents: finish with what is here."""
+
     type: ClassVar[str] = "end_of_agents"
     t: float
     reason: str = ""
 
 
-EVENT_TYPES: dict[str, type] = {c.type: c for c in (Hello, Chunk, Heartbeat, Bye, Malformed, Tick, AgentExited,
-                                                    Verified, Restored, EndOfAgents)}
+Event = Hello | Chunk | Heartbeat | Bye | Malformed | Tick | AgentExited | Verified | Restored | EndOfAgents
+EVENT_TYPES: dict[str, type[Event]] = {
+    c.type: c for c in (Hello, Chunk, Heartbeat, Bye, Malformed, Tick, AgentExited, Verified, Restored, EndOfAgents)
+}
 
 
-def event_from_dict(data: dict[str, Any]) -> Any:
+def event_from_dict(data: dict[str, Any]) -> Event:
     data = dict(data)
     cls = EVENT_TYPES.get(data.pop("type", None))
     if cls is None:
@@ -118,6 +125,7 @@ def event_from_dict(data: dict[str, Any]) -> Any:
 
 
 # ---- actions (outputs) ----
+
 
 @dataclass(frozen=True)
 class Send(_Record):
@@ -192,3 +200,6 @@ class Finish(_Record):
     type: ClassVar[str] = "finish"
     complete: bool
     missing: list[int]
+
+
+Action = Send | Write | Verify | Promote | Arrival | Reassemble | AgentDead | Forget | Ban | Finish

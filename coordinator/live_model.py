@@ -30,7 +30,8 @@ class LiveModel:
 
     @property
     def decoder_layers(self) -> torch.nn.ModuleList:
-        return getattr(self.model, self.model.base_model_prefix).layers
+        layers: torch.nn.ModuleList = getattr(self.model, self.model.base_model_prefix).layers
+        return layers
 
     def start(self, snapshot: Path, layers: int) -> None:
         self.model = AutoModelForCausalLM.from_pretrained(snapshot, local_files_only=True, dtype="auto")
@@ -48,16 +49,16 @@ class LiveModel:
                 if layer is None:
                     raise ValueError(f"{path}: non-layer tensor {name}, expected only decoder layers after fragment 0")
                 prefix = name[: name.index(f"layers.{layer}.") + len(f"layers.{layer}.")]
-                per_layer.setdefault(layer, {})[name[len(prefix):]] = tensor
+                per_layer.setdefault(layer, {})[name[len(prefix) :]] = tensor
         expected = list(range(self.layers, layers))
         if sorted(per_layer) != expected:
             raise ValueError(f"new fragments hold layers {sorted(per_layer)}, expected {expected}")
         layer_cls = type(self.decoder_layers[0])
         config = self.model.config
-        prefix = truncated_config(self.full_config, layers)
-        config.num_hidden_layers = prefix["num_hidden_layers"]
-        if "layer_types" in prefix:
-            config.layer_types = prefix["layer_types"]
+        wanted = truncated_config(self.full_config, layers)
+        config.num_hidden_layers = wanted["num_hidden_layers"]
+        if "layer_types" in wanted:
+            config.layer_types = wanted["layer_types"]
         for index in expected:
             with torch.device("meta"):
                 module = layer_cls(config, index)

@@ -1,38 +1,37 @@
-"""Reassemble the longest contiguous prefix on every growth, evaluate it, and at the end
-prove the final checkpoint equals the source: digests, logits, tokens."""
+"""Reassemble the longest contiguous prefix on every growth and evaluate it; at the end,
+check the final checkpoint against the source: digests, logits, tokens."""
 
 from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from typing import Any
 
 from safetensors.torch import load as load_safetensors_bytes
 
+from coordinator.control import Progress
 from coordinator.evaluate import agreement, divergence, generate, prompt_ids, sequence_logits, set_determinism
-from coordinator.events import Arrival, Finish, Reassemble
+from coordinator.events import Arrival, Reassemble
 from coordinator.live_model import LiveModel
-from coordinator.results import machine_info, versions, write_results
 from coordinator.snapshot import write_snapshot
-from coordinator.store import committed_dir
+from coordinator.store import FragmentStore
+from protocol import link
+from protocol import log_events as E
 from protocol.plan import WEIGHTS_FILE, Plan
+from protocol.run_settings import RunSettings
 from sandbox import Sandbox
-
-EXIT_OK, EXIT_MISMATCH, EXIT_INCOMPLETE = 0, 1, 3
-BASELINE_JSON = "baseline/baseline.json"
-BASELINE_LOGITS = "baseline/logits.safetensors"
+from sandbox.layout import BASELINE_JSON, BASELINE_LOGITS, committed_dir
 
 
 class Reassembler:
-    def __init__(self, box: Sandbox, plan: Plan, log: Any, progress: Any) -> None:
-        self.box, self.plan, self.log, self.progress = box, plan, log, progress
-        self.run = json.loads(box.read_bytes("run.json"))
-        set_determinism(int(self.run["threads"]))
+    def __init__(self, box: Sandbox, plan: Plan, settings: RunSettings, log: Any, progress: Progress) -> None:
+        self.box, self.plan, self.settings, self.log, self.progress = box, plan, settings, log, progress
+        set_determinism(settings.threads)
         self.live = LiveModel(plan.model["config"])
         self.arrivals: list[dict[str, Any]] = []
         self.checkpoints: list[dict[str, Any]] = []
         self._baseline: dict[str, Any] | None = None
-        self.started = time.time()
 
     @property
     def baseline(self) -> dict[str, Any]:
@@ -49,9 +48,9 @@ class Reassembler:
         row = {**arrival.to_dict(), "fragment_layers": self.plan.fragments[arrival.fragment].label, "ranges": ranges}
         row.pop("type")
         self.arrivals.append(row)
-        self.progress("arrival", **row)
+        self.progress(link.ARRIVAL, **row)
 
-    def reassemble(self, action: Reassemble, before_evaluation: Any = None) -> None:
+    def reassemble(self, action: Reassemble, before_evaluation: Callable[[], None] | None = None) -> None:
         t0 = time.perf_counter()
         rel = write_snapshot(self.box, self.plan, action.checkpoint, action.layers, action.fragments)
         t1 = time.perf_counter()
@@ -59,64 +58,49 @@ class Reassembler:
             before_evaluation()
         if self.live.model is None:
             self.live.start(self.box.resolve(rel), action.layers)
-            generate(self.live.model, self.live.tokenizer, self.run["prompt"], 2)  # warm-up, as the baseline had
+            generate(self.live.model, self.live.tokenizer, self.settings.prompt, 2)  # warm-up, as the baseline had
         else:
-            self.live.grow([self.box.resolve(f"{committed_dir(i)}/{WEIGHTS_FILE}") for i in action.new_fragments],
-                           action.layers)
+            self.live.grow(
+                [self.box.resolve(f"{committed_dir(i)}/{WEIGHTS_FILE}") for i in action.new_fragments], action.layers
+            )
         t2 = time.perf_counter()
         base = self.baseline
-        gen = generate(self.live.model, self.live.tokenizer, self.run["prompt"], int(self.run["max_new_tokens"]))
+        gen = generate(self.live.model, self.live.tokenizer, self.settings.prompt, self.settings.max_new_tokens)
         t3 = time.perf_counter()
-        ids = prompt_ids(self.live.tokenizer, self.run["prompt"])[0].tolist()
+        ids = prompt_ids(self.live.tokenizer, self.settings.prompt)[0].tolist()
         logits = sequence_logits(self.live.model, ids + base["tokens"])
         t4 = time.perf_counter()
         record = {
-            "checkpoint": action.checkpoint, "layers": action.layers, "fragments": action.fragments,
+            "checkpoint": action.checkpoint,
+            "layers": action.layers,
+            "fragments": action.fragments,
             "new_fragments": action.new_fragments,
             "ranges": [self.plan.fragments[i].label for i in action.fragments],
-            "snapshot": rel, "text": gen.text, "tokens": gen.tokens, "label": gen.label,
-            **agreement(gen.tokens, base["tokens"]), **divergence(logits, base["logits"]["sequence"]),
-            "generate_s": round(gen.seconds, 6), "snapshot_s": round(t1 - t0, 6), "load_s": round(t2 - t1, 6),
-            "score_s": round(t4 - t3, 6), "loaded": self.live.loads[-1],
+            "snapshot": rel,
+            "text": gen.text,
+            "tokens": gen.tokens,
+            "label": gen.label,
+            **agreement(gen.tokens, base["tokens"]),
+            **divergence(logits, base["logits"]["sequence"]),
+            "generate_s": round(gen.seconds, 6),
+            "snapshot_s": round(t1 - t0, 6),
+            "load_s": round(t2 - t1, 6),
+            "score_s": round(t4 - t3, 6),
+            "loaded": self.live.loads[-1],
         }
         self.checkpoints.append(record)
-        self.log.info("checkpoint.evaluated", **record)
-        self.progress("checkpoint", **{k: v for k, v in record.items() if k != "tokens"})
+        self.log.info(E.CHECKPOINT_EVALUATED, **record)
+        self.progress(link.CHECKPOINT, **{k: v for k, v in record.items() if k != "tokens"})
 
-    def finish(self, action: Finish, core: Any, store: Any) -> int:
-        final = {"complete": action.complete, "missing": action.missing,
-                 "missing_ranges": [self.plan.fragments[i].label for i in action.missing]}
-        if action.complete:
-            final.update(self._final_check(store))
-        matches = bool(final.get("final_matches_baseline", False))
-        results = {
-            "run": {**self.run, "run_id": self.plan.run_id, "plan_digest": self.plan.digest,
-                    "model": {k: v for k, v in self.plan.model.items() if k != "config"},
-                    "ranges": [f.label for f in self.plan.fragments], "piece_size": self.plan.piece_size,
-                    "arrival_order": [a["fragment"] for a in self.arrivals],
-                    "coordinator_started": self.started, "finished": time.time(),
-                    "versions": versions(), "machine": machine_info()},
-            "baseline": {k: v for k, v in self.baseline.items() if k != "logits"},
-            "fragments": core.fragment_stats(),
-            "arrivals": self.arrivals,
-            "checkpoints": self.checkpoints,
-            "final": final,
-            "final_matches_baseline": matches,
-        }
-        write_results(self.box, results)
-        self.log.info("run.finished", **final)
-        self.progress("finished", complete=action.complete, final_matches_baseline=matches, final=final)
-        if not action.complete:
-            return EXIT_INCOMPLETE
-        return EXIT_OK if matches else EXIT_MISMATCH
-
-    def _final_check(self, store: Any) -> dict[str, Any]:
+    def final_check(self, store: FragmentStore) -> dict[str, Any]:
+        """Every promoted byte re-hashed against the plan, the prompt's logits and the last
+        checkpoint's tokens against the baseline: the final checkpoint must equal the source."""
         bad = {i: store.verify_committed(i) for i in range(len(self.plan.fragments))}
         bad_names = [self.plan.fragments[i].items[j].name for i, items in bad.items() for j in items]
         tensors = sum(1 for f in self.plan.fragments for it in f.items if it.kind == "tensor")
         files = sum(1 for f in self.plan.fragments for it in f.items if it.kind == "file")
         base = self.baseline
-        ids = prompt_ids(self.live.tokenizer, self.run["prompt"])[0].tolist()
+        ids = prompt_ids(self.live.tokenizer, self.settings.prompt)[0].tolist()
         prompt_logits = sequence_logits(self.live.model, ids)
         reference = base["logits"]["prompt"]
         same_shape = tuple(prompt_logits.shape) == tuple(reference.shape)
@@ -124,9 +108,12 @@ class Reassembler:
         last = self.checkpoints[-1] if self.checkpoints else {}
         tokens_identical = last.get("tokens") == base["tokens"] and last.get("layers") == self.plan.num_layers
         out = {
-            "tensor_digests_match": not bad_names, "tensors_checked": tensors, "files_checked": files,
+            "tensor_digests_match": not bad_names,
+            "tensors_checked": tensors,
+            "files_checked": files,
             "mismatched_items": bad_names,
-            "logits_max_abs_diff": max_diff, "logits_positions": int(prompt_logits.shape[0]),
+            "logits_max_abs_diff": max_diff,
+            "logits_positions": int(prompt_logits.shape[0]),
             "tokens_identical": tokens_identical,
         }
         out["final_matches_baseline"] = bool(not bad_names and max_diff == 0.0 and tokens_identical)

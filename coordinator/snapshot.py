@@ -7,20 +7,9 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from coordinator.store import committed_dir
 from protocol.plan import WEIGHTS_FILE, Plan
 from sandbox import Sandbox
-
-REASSEMBLED = "reassembled"
-INDEX_FILE = "model.safetensors.index.json"
-
-
-def snapshot_dir(checkpoint: int) -> str:
-    return f"{REASSEMBLED}/checkpoint_{checkpoint:02d}"
-
-
-def fragment_file(index: int) -> str:
-    return f"fragment_{index:02d}.safetensors"
+from sandbox.layout import SNAPSHOT_INDEX, committed_dir, snapshot_dir, snapshot_weights
 
 
 def truncated_config(config: dict[str, Any], layers: int) -> dict[str, Any]:
@@ -44,16 +33,16 @@ def write_snapshot(box: Sandbox, plan: Plan, checkpoint: int, layers: int, fragm
     for index in fragments:
         spec = plan.fragments[index]
         if any(item.kind == "tensor" for item in spec.items):
-            box.hardlink(f"{committed_dir(index)}/{WEIGHTS_FILE}", f"{staging}/{fragment_file(index)}")
+            box.hardlink(f"{committed_dir(index)}/{WEIGHTS_FILE}", f"{staging}/{snapshot_weights(index)}")
         for item in spec.items:
             if item.kind == "tensor":
-                weight_map[item.name] = fragment_file(index)
+                weight_map[item.name] = snapshot_weights(index)
                 total += item.nbytes
             elif item.name != "config.json":
                 box.hardlink(f"{committed_dir(index)}/{item.name}", f"{staging}/{item.name}")
     config = json.loads(box.read_bytes(f"{committed_dir(0)}/config.json"))
     box.write_json(f"{staging}/config.json", truncated_config(config, layers))
-    box.write_json(f"{staging}/{INDEX_FILE}", {"metadata": {"total_size": total}, "weight_map": weight_map})
+    box.write_json(f"{staging}/{SNAPSHOT_INDEX}", {"metadata": {"total_size": total}, "weight_map": weight_map})
     if box.exists(rel):  # a resumed run rebuilds its snapshots
         box.remove(rel)
     box.promote(staging, rel)

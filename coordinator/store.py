@@ -13,17 +13,9 @@ from blake3 import blake3
 from protocol.messages import want_ranges
 from protocol.plan import WEIGHTS_FILE, Fragment, Plan
 from sandbox import PartialFile, Sandbox
+from sandbox.layout import QUORUM, committed_dir, staging_dir
 
-QUORUM = "quorum"
 READ_CHUNK = 8 * 1024 * 1024
-
-
-def staging_dir(index: int) -> str:
-    return f"{QUORUM}/fragment_{index:02d}.partial"
-
-
-def committed_dir(index: int) -> str:
-    return f"{QUORUM}/fragment_{index:02d}"
 
 
 class FragmentStore:

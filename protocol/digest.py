@@ -3,18 +3,12 @@
 
 from __future__ import annotations
 
-from typing import Union
-
 from blake3 import blake3
 
 ALGORITHM = "blake3"
-BytesLike = Union[bytes, bytearray, memoryview]
+BytesLike = bytes | bytearray | memoryview
 
 
 def digest(data: BytesLike) -> str:
     """Hex digest of a bytes-like object (hashed in place, no copy)."""
     return blake3(data).hexdigest()
-
-
-def hasher() -> blake3:
-    return blake3()

@@ -61,16 +61,15 @@ def check_ranges(ranges: list[LayerRange], num_layers: int) -> None:
         if first < expected_first:
             raise PlanError("layer range", f"{first}-{last}", f"no overlap: must start at layer {expected_first}")
         if first > expected_first:
-            raise PlanError("layer range", f"{first}-{last}", f"contiguous: layers {expected_first}-{first - 1} are not covered")
+            raise PlanError(
+                "layer range", f"{first}-{last}", f"contiguous: layers {expected_first}-{first - 1} are not covered"
+            )
         if last < first:
             raise PlanError("layer range", f"{first}-{last}", "FIRST <= LAST")
         expected_first = last + 1
     if expected_first != num_layers:
         raise PlanError(
-            "layer ranges", ",".join(f"{a}-{b}" for a, b in ranges),
+            "layer ranges",
+            ",".join(f"{a}-{b}" for a, b in ranges),
             f"covering layers 0-{num_layers - 1} (the model has {num_layers})",
         )
-
-
-def format_ranges(ranges: list[LayerRange]) -> str:
-    return ",".join(f"{a}-{b}" for a, b in ranges)

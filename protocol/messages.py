@@ -8,19 +8,22 @@ rule, because only it knows which fragment the sender claimed.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any
 
 import msgpack
 
 from protocol.errors import ProtocolError
 
-Frame = Union[bytes, bytearray, memoryview]
+Frame = bytes | bytearray | memoryview
 
 # kind -> (required fields with their types, may carry a payload)
 AGENT_KINDS: dict[str, tuple[dict[str, type], bool]] = {
-    "HELLO": ({"v": int, "run": str, "plan": str, "fragment": int, "first_layer": int,
-               "last_layer": int, "pid": int}, False),
+    "HELLO": (
+        {"v": int, "run": str, "plan": str, "fragment": int, "first_layer": int, "last_layer": int, "pid": int},
+        False,
+    ),
     "CHUNK": ({"item": int, "piece": int}, True),
     "HEARTBEAT": ({}, False),
     "BYE": ({}, False),
@@ -55,11 +58,11 @@ def encode(kind: str, header: dict[str, Any] | None = None, payload: Frame | Non
     return frames
 
 
-def decode_from_agent(frames: list[Frame], max_payload: int) -> Message:
+def decode_from_agent(frames: Sequence[Frame], max_payload: int) -> Message:
     return _decode(frames, AGENT_KINDS, MAX_AGENT_HEADER, max_payload)
 
 
-def decode_from_coordinator(frames: list[Frame]) -> Message:
+def decode_from_coordinator(frames: Sequence[Frame]) -> Message:
     return _decode(frames, COORDINATOR_KINDS, MAX_COORDINATOR_HEADER, 0)
 
 
@@ -67,8 +70,9 @@ def _refuse_ext(code: int, data: bytes) -> Any:
     raise ProtocolError("header", f"msgpack ext type {code}", "plain msgpack types only")
 
 
-def _decode(frames: list[Frame], kinds: dict[str, tuple[dict[str, type], bool]],
-            max_header: int, max_payload: int) -> Message:
+def _decode(
+    frames: Sequence[Frame], kinds: dict[str, tuple[dict[str, type], bool]], max_header: int, max_payload: int
+) -> Message:
     if not isinstance(frames, list) or not 2 <= len(frames) <= 3:
         raise ProtocolError("frames", len(frames) if isinstance(frames, list) else frames, "2 or 3 frames")
     raw_kind = memoryview(frames[0])
@@ -98,7 +102,7 @@ def _decode(frames: list[Frame], kinds: dict[str, tuple[dict[str, type], bool]],
         value = header[name]
         if not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
             raise ProtocolError(f"{kind}.{name}", value, f"a {typ.__name__}")
-        if typ is int and not -(2**63) <= value < 2**63:
+        if isinstance(value, int) and not -(2**63) <= value < 2**63:
             raise ProtocolError(f"{kind}.{name}", value, "a 64-bit integer")
     payload = None
     if len(frames) == 3:
@@ -127,11 +131,18 @@ def expand_want(want: WantList) -> list[tuple[int, int]]:
     """[(item, piece), ...] in order from a want list (validated shape)."""
     out: list[tuple[int, int]] = []
     for entry in want:
-        if not (isinstance(entry, list) and len(entry) == 2 and isinstance(entry[0], int) and isinstance(entry[1], list)):
+        if not (
+            isinstance(entry, list) and len(entry) == 2 and isinstance(entry[0], int) and isinstance(entry[1], list)
+        ):
             raise ProtocolError("want entry", entry, "[item, [[first, stop], ...]]")
         item, runs = entry
         for run in runs:
-            if not (isinstance(run, list) and len(run) == 2 and all(isinstance(x, int) for x in run) and 0 <= run[0] < run[1]):
+            if not (
+                isinstance(run, list)
+                and len(run) == 2
+                and all(isinstance(x, int) for x in run)
+                and 0 <= run[0] < run[1]
+            ):
                 raise ProtocolError("want run", run, "[first, stop) with 0 <= first < stop")
             out.extend((item, p) for p in range(run[0], run[1]))
     return out

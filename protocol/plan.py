@@ -49,8 +49,9 @@ class Item:
         out: dict[str, Any] = {"name": self.name, "kind": self.kind, "nbytes": self.nbytes}
         if self.kind == "tensor":
             out.update(dtype=self.dtype, shape=list(self.shape or ()))
-        out.update(digest=self.digest, source_file=self.source_file, source_offset=self.source_offset,
-                   pieces=list(self.pieces))
+        out.update(
+            digest=self.digest, source_file=self.source_file, source_offset=self.source_offset, pieces=list(self.pieces)
+        )
         return out
 
 
@@ -91,8 +92,13 @@ class Fragment:
         return item.name, 0
 
     def to_json(self) -> dict[str, Any]:
-        return {"index": self.index, "first_layer": self.first_layer, "last_layer": self.last_layer,
-                "nbytes": self.nbytes, "items": [i.to_json() for i in self.items]}
+        return {
+            "index": self.index,
+            "first_layer": self.first_layer,
+            "last_layer": self.last_layer,
+            "nbytes": self.nbytes,
+            "items": [i.to_json() for i in self.items],
+        }
 
 
 @dataclass(frozen=True)
@@ -142,7 +148,7 @@ class Plan:
         return json.dumps(self.to_json(), indent=1) + "\n"
 
     @classmethod
-    def loads(cls, text: str | bytes) -> "Plan":
+    def loads(cls, text: str | bytes) -> Plan:
         return plan_from_json(json.loads(text))
 
 
@@ -165,11 +171,22 @@ def plan_from_json(data: dict[str, Any]) -> Plan:
     fragments = []
     for fdata in _expect(data, "fragments", list):
         items = tuple(_item_from_json(idata, piece_size) for idata in _expect(fdata, "items", list))
-        fragments.append(Fragment(_expect(fdata, "index", int), _expect(fdata, "first_layer", int),
-                                  _expect(fdata, "last_layer", int), items))
-    plan = Plan(run_id=_expect(data, "run_id", str), model=model, piece_size=piece_size,
-                fragments=tuple(fragments), protocol_version=_expect(data, "protocol_version", int),
-                extra=data.get("extra", {}))
+        fragments.append(
+            Fragment(
+                _expect(fdata, "index", int),
+                _expect(fdata, "first_layer", int),
+                _expect(fdata, "last_layer", int),
+                items,
+            )
+        )
+    plan = Plan(
+        run_id=_expect(data, "run_id", str),
+        model=model,
+        piece_size=piece_size,
+        fragments=tuple(fragments),
+        protocol_version=_expect(data, "protocol_version", int),
+        extra=data.get("extra", {}),
+    )
     check_plan(plan, num_layers)
     claimed = data.get("plan_digest")
     if claimed is not None and claimed != plan.digest:
@@ -192,8 +209,11 @@ def check_plan(plan: Plan, num_layers: int) -> None:
                 if layer is None and position != 0:
                     raise PlanError(f"tensor {item.name}", f"fragment {position}", "non-layer tensors in fragment 0")
                 if layer is not None and not fragment.first_layer <= layer <= fragment.last_layer:
-                    raise PlanError(f"tensor {item.name}", f"fragment {position} ({fragment.label})",
-                                    "the fragment whose range holds its layer")
+                    raise PlanError(
+                        f"tensor {item.name}",
+                        f"fragment {position} ({fragment.label})",
+                        "the fragment whose range holds its layer",
+                    )
             elif position != 0:
                 raise PlanError(f"file {item.name}", f"fragment {position}", "files in fragment 0")
 
@@ -223,9 +243,17 @@ def _item_from_json(d: dict[str, Any], piece_size: int) -> Item:
     for value in (_expect(d, "digest", str), *pieces):
         if not isinstance(value, str) or not _HEX_RE.fullmatch(value):
             raise PlanError(f"digest in {name}", value, "64 lowercase hex digits")
-    return Item(name=name, kind=kind, nbytes=nbytes, digest=d["digest"], pieces=pieces,
-                source_file=_expect(d, "source_file", str), source_offset=_expect(d, "source_offset", int),
-                dtype=dtype, shape=shape)
+    return Item(
+        name=name,
+        kind=kind,
+        nbytes=nbytes,
+        digest=d["digest"],
+        pieces=pieces,
+        source_file=_expect(d, "source_file", str),
+        source_offset=_expect(d, "source_offset", int),
+        dtype=dtype,
+        shape=shape,
+    )
 
 
 def _expect(d: dict[str, Any], key: str, typ: type) -> Any:

@@ -11,9 +11,9 @@ import errno
 import fcntl
 import os
 import stat
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import TracebackType
-from typing import Callable, Iterator
 
 from .errors import DiskFullError, EscapeError, SandboxError, from_oserror
 

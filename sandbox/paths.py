@@ -13,13 +13,14 @@ import contextlib
 import errno
 import os
 import stat
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator, Tuple, Union
+from typing import Union
 
 from .errors import EscapeError, SandboxError, from_oserror
 
 RelPath = Union[str, "os.PathLike[str]"]
-Parts = Tuple[str, ...]
+Parts = tuple[str, ...]
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
@@ -52,9 +53,7 @@ def require_name(rel: RelPath, parts: Parts) -> None:
         raise EscapeError(f"path {os.fspath(rel)!r}: expected a path below the root, got the root itself")
 
 
-def existing_depth(
-    root: Path, rel: RelPath, parts: Parts, *, strict: bool = True, final_link_ok: bool = False
-) -> int:
+def existing_depth(root: Path, rel: RelPath, parts: Parts, *, strict: bool = True, final_link_ok: bool = False) -> int:
     """lstat every existing component below ``root``; return how many exist.
 
     A symlink anywhere is an escape. The walk stops at the first missing
@@ -80,9 +79,7 @@ def existing_depth(
         if i < len(parts) - 1 and not stat.S_ISDIR(st.st_mode):
             if not strict:
                 return i + 1
-            raise SandboxError(
-                f"path {os.fspath(rel)!r}: component {shown!r} is not a directory; expected a directory"
-            )
+            raise SandboxError(f"path {os.fspath(rel)!r}: component {shown!r} is not a directory; expected a directory")
     return len(parts)
 
 

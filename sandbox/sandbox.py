@@ -16,8 +16,9 @@ import secrets
 import shutil
 import stat
 import threading
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator, TextIO
+from typing import Any, TextIO
 
 from . import files, paths
 from .errors import EscapeError, QuotaExceeded, SandboxError, oserrors_as
@@ -133,8 +134,9 @@ class Sandbox:
 
     # -- whole-file writes and reads ------------------------------------------
 
-    def write_bytes(self, rel: RelPath, data: bytes | bytearray | memoryview, *, durable: bool = True,
-                    mode: int = 0o644) -> Path:
+    def write_bytes(
+        self, rel: RelPath, data: bytes | bytearray | memoryview, *, durable: bool = True, mode: int = 0o644
+    ) -> Path:
         """Atomically replace ``rel`` with ``data``: readers see the old file or the new one, never half.
 
         With ``durable`` the data and the rename are fsynced before returning. ``mode`` 0o600 keeps
@@ -195,6 +197,18 @@ class Sandbox:
             except BaseException:
                 os.close(fd)
                 raise
+
+    def open_log(self, rel: RelPath) -> TextIO:
+        """Append to a JSON-lines log; a killed writer's half line is ended first, so the
+        next line starts clean and a reader sees exactly one truncated line."""
+        dangling = False
+        if self.exists(rel):
+            with self.open_read(rel) as handle:
+                dangling = handle.size > 0 and handle.read_at(handle.size - 1, 1) != b"\n"
+        stream = self.open_append(rel)
+        if dangling:
+            stream.write("\n")
+        return stream
 
     # -- random-access files ---------------------------------------------------
 
@@ -347,4 +361,3 @@ def _preallocate(fd: int, size: int) -> None:
         if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
             raise
         os.ftruncate(fd, size)
-

@@ -14,7 +14,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from checkpoints import make_tiny_llama  # noqa: E402
+from checkpoints import make_tiny_llama
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -28,14 +28,15 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_untied_sharded(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Untied lm_head, GQA, weights in several safetensors shards."""
-    return make_tiny_llama(tmp_path_factory.mktemp("tiny-untied") / "model", num_layers=5, tied=False,
-                           sharded=True, seed=3)
+    return make_tiny_llama(
+        tmp_path_factory.mktemp("tiny-untied") / "model", num_layers=5, tied=False, sharded=True, seed=3
+    )
 
 
 @pytest.fixture(scope="session")
 def default_source() -> Path:
     """The embedded SmolLM2 model, prepared once into the repo's artifacts/ (a cache kept across runs)."""
-    from coordinator.prepare import prepare_default
+    from coordinator.launch.prepare import prepare_default
 
     return prepare_default(REPO / "artifacts", log=lambda *_: None)
 
@@ -50,7 +51,7 @@ class SimulationResult:
 
 def simulate(model: Path, run_dir: Path, **options: Any) -> SimulationResult:
     """One real run: coordinator and agents as separate processes, this process as the launcher."""
-    from coordinator.simulate import SimulateOptions, run_quietly
+    from coordinator.launch.simulate import SimulateOptions, run_quietly
 
     opts = SimulateOptions(model=str(model), run_dir=str(run_dir), threads=options.pop("threads", 1), **options)
     code, results, _, output = run_quietly(opts, model)
@@ -80,15 +81,15 @@ class StandaloneCoordinator:
     directly over a real socket, like a hand-made agent would."""
 
     def __init__(self, model: Path, run_dir: Path, **options: Any) -> None:
-        from coordinator.baseline import SourceModel
-        from coordinator.driver import CoordinatorProcess, _await_ready
-        from coordinator.simulate import SimulateOptions, plan_run
+        from coordinator.launch.baseline import SourceModel
+        from coordinator.launch.driver import CoordinatorProcess
+        from coordinator.launch.simulate import SimulateOptions, plan_run
 
         self.opts = SimulateOptions(model=str(model), run_dir=str(run_dir), threads=1, **options)
         self.run = plan_run(self.opts, model, model.name)
         SourceModel(model, 1).record(self.run.box, self.opts.prompt, self.opts.max_new_tokens)
         self.process = CoordinatorProcess(self.run.run_dir, self.run.box)
-        self.endpoint = _await_ready(self.process)
+        self.endpoint = self.process.await_ready()
         self.events_until("warm")  # torch loaded: replies are prompt from here on
 
     @property
@@ -110,7 +111,7 @@ class StandaloneCoordinator:
         raise AssertionError(f"no {kind!r} progress event; saw {[e.get('progress') for e in seen]}")
 
     def close(self) -> int:
-        self.process.control("end: test over")
+        self.process.control("end", "test over")
         try:
             return self.process.proc.wait(timeout=60)
         finally:

@@ -7,14 +7,27 @@ from pathlib import Path
 
 import pytest
 
-from agents.planner import make_plan
-from conftest import expected_prefix
 from agents.source import SourceCheckpoint
+from conftest import expected_prefix
 from coordinator.core import COMMITTED, LIVE, WAITING, Core, CoreSettings
 from coordinator.events import (
-    AgentDead, AgentExited, Arrival, Bye, Chunk, EndOfAgents, Finish, Hello, Malformed, Reassemble, Send, Tick,
-    Verified, Verify, Write,
+    AgentDead,
+    AgentExited,
+    Arrival,
+    Bye,
+    Chunk,
+    EndOfAgents,
+    Finish,
+    Hello,
+    Malformed,
+    Reassemble,
+    Send,
+    Tick,
+    Verified,
+    Verify,
+    Write,
 )
+from coordinator.launch.planner import make_plan
 from protocol.layers import split_layers
 from protocol.plan import Plan
 from protocol.version import PROTOCOL_VERSION
@@ -23,16 +36,23 @@ from protocol.version import PROTOCOL_VERSION
 @pytest.fixture(scope="module")
 def plans(tiny_model: Path) -> dict[int, Plan]:
     source = SourceCheckpoint(tiny_model)
-    out = {n: make_plan(source, split_layers(6, n), run_id="core", model_name="tiny", piece_size=4096)
-           for n in (3, 4)}
+    out = {n: make_plan(source, split_layers(6, n), run_id="core", model_name="tiny", piece_size=4096) for n in (3, 4)}
     source.close()
     return out
 
 
 def hello(plan: Plan, index: int, peer: str, t: float = 0.0, override: dict | None = None) -> Hello:
     f = plan.fragments[index]
-    header = {"v": PROTOCOL_VERSION, "run": plan.run_id, "plan": plan.digest, "fragment": index,
-              "first_layer": f.first_layer, "last_layer": f.last_layer, "pid": 1000 + index, **(override or {})}
+    header = {
+        "v": PROTOCOL_VERSION,
+        "run": plan.run_id,
+        "plan": plan.digest,
+        "fragment": index,
+        "first_layer": f.first_layer,
+        "last_layer": f.last_layer,
+        "pid": 1000 + index,
+        **(override or {}),
+    }
     return Hello(t, peer, header)
 
 
@@ -78,9 +98,13 @@ def test_every_arrival_order_gives_the_longest_contiguous_prefix(plans: dict[int
 
 def test_hello_is_checked_against_the_plan(plans: dict[int, Plan]) -> None:
     plan = plans[3]
-    cases = [({"v": PROTOCOL_VERSION + 1}, "HELLO.v"), ({"run": "other"}, "HELLO.run"),
-             ({"plan": "0" * 64}, "HELLO.plan"), ({"fragment": 9}, "HELLO.fragment"),
-             ({"first_layer": 1}, "HELLO.layers")]
+    cases = [
+        ({"v": PROTOCOL_VERSION + 1}, "HELLO.v"),
+        ({"run": "other"}, "HELLO.run"),
+        ({"plan": "0" * 64}, "HELLO.plan"),
+        ({"fragment": 9}, "HELLO.fragment"),
+        ({"first_layer": 1}, "HELLO.layers"),
+    ]
     for override, field in cases:
         core = Core(plan)
         [action] = core.handle(hello(plan, 0, "p", override=override))

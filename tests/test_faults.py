@@ -10,10 +10,11 @@ import psutil
 import zmq
 from blake3 import blake3
 
-from agents.keys import configure_client
-from agents.launcher import AgentLauncher
+from agents.agent import configure_client
 from conftest import StandaloneCoordinator, simulate
-from coordinator.simulate import EXIT_COORDINATOR_KILLED, EXIT_INCOMPLETE, resume_run
+from coordinator.launch.agents import AgentLauncher
+from coordinator.launch.simulate import resume_run
+from protocol.exit_codes import RunExit
 from protocol.messages import decode_from_coordinator, encode
 from protocol.version import PROTOCOL_VERSION
 
@@ -36,8 +37,9 @@ def agent_events(run_dir: Path, index: int, event: str) -> list[dict]:
 
 
 def test_kill_mid_tensor_and_respawn_resumes_from_verified_bytes(tiny_model: Path, tmp_path: Path) -> None:
-    result = simulate(tiny_model, tmp_path / "run", fragments=3, order="forward", kill=["1@0.5"], respawn=True,
-                      piece_size=4096)
+    result = simulate(
+        tiny_model, tmp_path / "run", fragments=3, order="forward", kill=["1@0.5"], respawn=True, piece_size=4096
+    )
     assert_exact(result)
     f1 = fragment(result, 1)
     assert f1["attempts"] == 2 and f1["deaths"] == 1 and f1["received_bytes"] == f1["bytes"]
@@ -49,11 +51,13 @@ def test_kill_mid_tensor_and_respawn_resumes_from_verified_bytes(tiny_model: Pat
 
 
 def test_kill_before_hello_right_after_hello_and_before_commit(tiny_model: Path, tmp_path: Path) -> None:
-    result = simulate(tiny_model, tmp_path / "run", fragments=3, order="forward",
-                      kill=["0@start", "1@0", "2@1"], respawn=True)
+    result = simulate(
+        tiny_model, tmp_path / "run", fragments=3, order="forward", kill=["0@start", "1@0", "2@1"], respawn=True
+    )
     assert_exact(result)
-    assert result.results["launcher"]["agent_attempts"] == {0: 2, 1: 2, 2: 2} or \
-        result.results["launcher"]["agent_attempts"] == {"0": 2, "1": 2, "2": 2}
+    assert result.results["launcher"]["agent_attempts"] == {0: 2, 1: 2, 2: 2} or result.results["launcher"][
+        "agent_attempts"
+    ] == {"0": 2, "1": 2, "2": 2}
     assert fragment(result, 0)["attempts"] == 1, "the first agent of fragment 0 never said HELLO"
     assert fragment(result, 1)["attempts"] == 2
     # Killed after its last chunk: every byte was already verified, so the fragment committed anyway.
@@ -62,7 +66,7 @@ def test_kill_before_hello_right_after_hello_and_before_commit(tiny_model: Path,
 
 def test_kill_without_respawn_finishes_with_the_longest_prefix(tiny_model: Path, tmp_path: Path) -> None:
     result = simulate(tiny_model, tmp_path / "run", fragments=3, order="forward", kill=["1@0.3"], piece_size=4096)
-    assert result.code == EXIT_INCOMPLETE
+    assert result.code == RunExit.INCOMPLETE
     final = result.results["final"]
     assert final["complete"] is False and final["missing"] == [1] and final["missing_ranges"] == ["2-3"]
     assert [c["layers"] for c in result.results["checkpoints"]] == [2]
@@ -85,15 +89,23 @@ def _promoted(run_dir: Path) -> dict[str, tuple[int, int, str]]:
 
 def test_coordinator_killed_during_reassembly_then_resume(tiny_model: Path, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
-    from coordinator.simulate import SimulateOptions, execute_run, plan_run
-    from rich.console import Console
     import io
 
-    opts = SimulateOptions(model=str(tiny_model), run_dir=str(run_dir), threads=1, fragments=3, order="forward",
-                           kill_coordinator="reassembly")
+    from rich.console import Console
+
+    from coordinator.launch.simulate import SimulateOptions, execute_run, plan_run
+
+    opts = SimulateOptions(
+        model=str(tiny_model),
+        run_dir=str(run_dir),
+        threads=1,
+        fragments=3,
+        order="forward",
+        kill_coordinator="reassembly",
+    )
     run = plan_run(opts, tiny_model, "tiny")
     code, results = execute_run(opts, run, Console(file=io.StringIO()))
-    assert code == EXIT_COORDINATOR_KILLED and results is None
+    assert code == RunExit.COORDINATOR_KILLED and results is None
     before = _promoted(run_dir)
     assert before, "fragment 0 was promoted before the kill"
     assert resume_run(run_dir, Console(file=io.StringIO())) == 0
@@ -101,22 +113,43 @@ def test_coordinator_killed_during_reassembly_then_resume(tiny_model: Path, tmp_
     assert {k: v for k, v in after.items() if k in before} == before, "nothing promoted was lost or rewritten"
     results = json.loads((run_dir / "results.json").read_text())
     assert results["final_matches_baseline"] is True
-    starts = [e for e in map(json.loads, (run_dir / "logs/coordinator.jsonl").read_text().splitlines())
-              if e["event"] == "coordinator.restore"]
+    starts = [
+        e
+        for e in map(json.loads, (run_dir / "logs/coordinator.jsonl").read_text().splitlines())
+        if e["event"] == "coordinator.restore"
+    ]
     assert starts and starts[0]["committed"] == [0]
 
 
 def test_coordinator_killed_mid_transfer_resumes_in_the_same_run(tiny_model: Path, tmp_path: Path) -> None:
-    result = simulate(tiny_model, tmp_path / "run", fragments=3, order="forward", kill_coordinator="0.5",
-                      resume=True, respawn=True, piece_size=4096)
+    result = simulate(
+        tiny_model,
+        tmp_path / "run",
+        fragments=3,
+        order="forward",
+        kill_coordinator="0.5",
+        resume=True,
+        respawn=True,
+        piece_size=4096,
+    )
     assert_exact(result)
     assert result.results["launcher"]["resumes"] == 1
 
 
 def _hello(plan, index: int) -> list:
     f = plan.fragments[index]
-    return encode("HELLO", {"v": PROTOCOL_VERSION, "run": plan.run_id, "plan": plan.digest, "fragment": index,
-                            "first_layer": f.first_layer, "last_layer": f.last_layer, "pid": os.getpid()})
+    return encode(
+        "HELLO",
+        {
+            "v": PROTOCOL_VERSION,
+            "run": plan.run_id,
+            "plan": plan.digest,
+            "fragment": index,
+            "first_layer": f.first_layer,
+            "last_layer": f.last_layer,
+            "pid": os.getpid(),
+        },
+    )
 
 
 def _recv(sock: zmq.Socket, kinds: tuple[str, ...] = ("WELCOME", "REJECT", "WANT", "COMMITTED")):
@@ -205,8 +238,9 @@ def test_corrupt_duplicate_and_rival_chunks_over_a_real_socket(tiny_model: Path,
 
 def test_no_orphans_and_no_partials_after_faulted_runs(tiny_model: Path, tmp_path: Path) -> None:
     before = {p.pid for p in psutil.Process().children(recursive=True)}
-    result = simulate(tiny_model, tmp_path / "run", fragments=4, order="reverse", kill_random=3, seed=7,
-                      respawn=True, piece_size=4096)
+    result = simulate(
+        tiny_model, tmp_path / "run", fragments=4, order="reverse", kill_random=3, seed=7, respawn=True, piece_size=4096
+    )
     assert_exact(result)
     after = {p.pid for p in psutil.Process().children(recursive=True) if p.status() != psutil.STATUS_ZOMBIE}
     assert after <= before

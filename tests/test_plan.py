@@ -8,21 +8,24 @@ from pathlib import Path
 import pytest
 from blake3 import blake3
 
-from agents.planner import make_plan
 from agents.source import SourceCheckpoint
+from coordinator.launch.planner import make_plan
 from protocol.errors import PlanError
 from protocol.layers import layer_of, parse_ranges, split_layers
 from protocol.plan import Plan
 from protocol.safetensors_format import parse_header
 
 
-@pytest.mark.parametrize("layers,n,expected", [
-    (30, 4, [(0, 7), (8, 15), (16, 22), (23, 29)]),
-    (30, 1, [(0, 29)]),
-    (30, 30, [(i, i) for i in range(30)]),
-    (6, 4, [(0, 1), (2, 3), (4, 4), (5, 5)]),
-    (7, 3, [(0, 2), (3, 4), (5, 6)]),
-])
+@pytest.mark.parametrize(
+    "layers,n,expected",
+    [
+        (30, 4, [(0, 7), (8, 15), (16, 22), (23, 29)]),
+        (30, 1, [(0, 29)]),
+        (30, 30, [(i, i) for i in range(30)]),
+        (6, 4, [(0, 1), (2, 3), (4, 4), (5, 5)]),
+        (7, 3, [(0, 2), (3, 4), (5, 6)]),
+    ],
+)
 def test_split_layers_even_larger_first(layers: int, n: int, expected: list[tuple[int, int]]) -> None:
     assert split_layers(layers, n) == expected
 
@@ -38,17 +41,20 @@ def test_parse_ranges_accepts_a_tiling() -> None:
     assert parse_ranges("0-4, 5 ,6-29", 30) == [(0, 4), (5, 5), (6, 29)]
 
 
-@pytest.mark.parametrize("text,message", [
-    ("0-7,9-29", "layers 8-8 are not covered"),
-    ("0-7,7-29", "no overlap"),
-    ("1-29", "layers 0-0 are not covered"),
-    ("0-7,8-28", "covering layers 0-29"),
-    ("0-7,8-30", "covering layers 0-29"),
-    ("0-7,x", "FIRST-LAST"),
-    ("7-0,8-29", "FIRST <= LAST"),
-    ("8-15,0-7,16-29", "must start at layer 0|not covered"),
-    ("", "FIRST-LAST"),
-])
+@pytest.mark.parametrize(
+    "text,message",
+    [
+        ("0-7,9-29", "layers 8-8 are not covered"),
+        ("0-7,7-29", "no overlap"),
+        ("1-29", "layers 0-0 are not covered"),
+        ("0-7,8-28", "covering layers 0-29"),
+        ("0-7,8-30", "covering layers 0-29"),
+        ("0-7,x", "FIRST-LAST"),
+        ("7-0,8-29", "FIRST <= LAST"),
+        ("8-15,0-7,16-29", "must start at layer 0|not covered"),
+        ("", "FIRST-LAST"),
+    ],
+)
 def test_parse_ranges_refuses_with_the_reason(text: str, message: str) -> None:
     with pytest.raises(PlanError, match=message):
         parse_ranges(text, 30)
@@ -94,9 +100,9 @@ def test_plan_untied_sharded_model_puts_lm_head_in_fragment_zero(tiny_untied_sha
 def test_plan_digests_are_the_source_bytes(tiny_model: Path) -> None:
     plan = _plan(tiny_model, [(0, 5)], piece_size=4096)
     for item in plan.fragments[0].items:
-        raw = (tiny_model / item.source_file).read_bytes()[item.source_offset:item.source_offset + item.nbytes]
+        raw = (tiny_model / item.source_file).read_bytes()[item.source_offset : item.source_offset + item.nbytes]
         assert blake3(raw).hexdigest() == item.digest
-        pieces = [blake3(raw[i:i + 4096]).hexdigest() for i in range(0, len(raw), 4096)]
+        pieces = [blake3(raw[i : i + 4096]).hexdigest() for i in range(0, len(raw), 4096)]
         assert list(item.pieces) == pieces
 
 

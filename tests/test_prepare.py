@@ -1,4 +1,4 @@
-"""Tests for coordinator.prepare. Fast ones use tiny random checkpoints; the GGUF one is slow."""
+"""Tests for coordinator.launch.prepare. Fast ones use tiny random checkpoints; the GGUF one is slow."""
 
 from __future__ import annotations
 
@@ -6,19 +6,18 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
-import torch  # noqa: E402
-from safetensors import safe_open  # noqa: E402
-from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
-
-from coordinator.prepare import (  # noqa: E402
+from checkpoints import make_tiny_llama
+from coordinator.launch.prepare import (
     MARKER_FILE,
     WEIGHTS_FILE,
     default_source_dir,
     is_prepared,
     prepare_model_dir,
 )
-from checkpoints import make_tiny_llama  # noqa: E402
 
 PROMPT = "The capital of France is"
 
@@ -90,7 +89,7 @@ def test_bfloat16_conversion(tmp_path: Path) -> None:
 
     assert out.name == "tiny-bfloat16"
     with safe_open(str(out / WEIGHTS_FILE), "pt") as f:
-        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}  # noqa: SIM118  (safe_open is no dict)
     assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
     assert json.loads((out / MARKER_FILE).read_text())["dtype"] == "bfloat16"
     model = AutoModelForCausalLM.from_pretrained(out)

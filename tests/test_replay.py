@@ -8,16 +8,17 @@ from pathlib import Path
 
 import pytest
 
-from agents.eventlog import line_digest
 from conftest import simulate
-from coordinator.cli import main as fragsim
+from coordinator.launch.cli import main as fragsim
 from coordinator.replay import ReplayRefused, run_replay
+from protocol.eventlog import line_digest
 
 
 @pytest.fixture(scope="module")
 def normal_run(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    result = simulate(tiny_model, tmp_path_factory.mktemp("replay") / "run", fragments=3, order="2,0,1",
-                      piece_size=4096)
+    result = simulate(
+        tiny_model, tmp_path_factory.mktemp("replay") / "run", fragments=3, order="2,0,1", piece_size=4096
+    )
     assert result.code == 0
     return result.run_dir
 
@@ -51,18 +52,34 @@ def test_normal_run_replays_and_agrees(normal_run: Path) -> None:
     assert replay.segments == 1 and not replay.notes
     assert [a["fragment"] for a in replay.rebuilt["arrivals"]] == [2, 0, 1]
     story = "\n".join(text for _, text in replay.story)
-    for expected in ("agent 2 started", "agent 2 connected", "fragment 2 (4-5) verified and promoted",
-                     "arrival 2: fragment 0 -> 2 active layers (prefix grew)", "checkpoint 2: 6 layers",
-                     "run finished: complete True, final matches baseline True"):
+    for expected in (
+        "agent 2 started",
+        "agent 2 connected",
+        "fragment 2 (4-5) verified and promoted",
+        "arrival 2: fragment 0 -> 2 active layers (prefix grew)",
+        "checkpoint 2: 6 layers",
+        "run finished: complete True, final matches baseline True",
+    ):
         assert expected in story
     assert fragsim(["replay", str(normal_run), "--timeline"]) == 0
 
 
 def test_several_orders_and_a_faulted_resumed_run_replay(tiny_model: Path, tmp_path: Path) -> None:
-    runs = [simulate(tiny_model, tmp_path / "fwd", fragments=4, order="forward"),
-            simulate(tiny_model, tmp_path / "rev", fragments=4, order="reverse"),
-            simulate(tiny_model, tmp_path / "chaos", fragments=3, order="forward", kill=["1@0.5", "2@0"],
-                     respawn=True, kill_coordinator="0.6", resume=True, piece_size=4096)]
+    runs = [
+        simulate(tiny_model, tmp_path / "fwd", fragments=4, order="forward"),
+        simulate(tiny_model, tmp_path / "rev", fragments=4, order="reverse"),
+        simulate(
+            tiny_model,
+            tmp_path / "chaos",
+            fragments=3,
+            order="forward",
+            kill=["1@0.5", "2@0"],
+            respawn=True,
+            kill_coordinator="0.6",
+            resume=True,
+            piece_size=4096,
+        ),
+    ]
     for result in runs:
         assert result.code == 0, result.output
         replay = run_replay(result.run_dir)
@@ -101,7 +118,7 @@ def test_removed_event_is_detected(normal_run: Path, tmp_path: Path) -> None:
 
     def drop_a_chunk(events):
         index = next(i for i, e in enumerate(events) if e["event"] == "core.step" and e["ev"]["type"] == "chunk")
-        return events[:index] + events[index + 1:]
+        return events[:index] + events[index + 1 :]
 
     rewrite(run / "logs/coordinator.jsonl", drop_a_chunk)
     replay = run_replay(run)

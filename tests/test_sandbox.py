@@ -141,7 +141,7 @@ def _all_ops(sbx: Sandbox, rel) -> list:
 @pytest.mark.parametrize("rel", HOSTILE_PATHS)
 def test_lexical_escapes_refused_everywhere(sb: Sandbox, root: Path, rel: str) -> None:
     sb.write_bytes("src", b"data")
-    for i, op in enumerate(_all_ops(sb, rel)):
+    for op in _all_ops(sb, rel):
         with pytest.raises(EscapeError):
             op()
     assert sorted(os.listdir(root)) == ["src"]
@@ -266,7 +266,7 @@ def test_symlink_as_final_component(sb: Sandbox, root: Path, outside: Path, dang
         assert target.read_bytes() == SECRET
 
 
-def test_exists(sb: Sandbox, root: Path) -> None:
+def test_exists_is_true_for_dirs_and_files_and_false_through_a_file(sb: Sandbox, root: Path) -> None:
     assert not sb.exists("a")
     sb.write_bytes("a/b", b"x")
     assert sb.exists("a") and sb.exists("a/b")
@@ -363,7 +363,7 @@ def test_open_append(sb: Sandbox, root: Path) -> None:
     assert oct((root / "logs" / "events.jsonl").stat().st_mode & 0o777) == oct(0o644)
 
 
-def test_mkdir(sb: Sandbox, root: Path) -> None:
+def test_mkdir_creates_parents_and_refuses_an_existing_path_when_asked(sb: Sandbox, root: Path) -> None:
     p = sb.mkdir("a/b/c")
     assert p.is_dir() and p == sb.root / "a" / "b" / "c"
     assert sb.mkdir("a/b/c") == p

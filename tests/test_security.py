@@ -16,17 +16,17 @@ import zmq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from agents.keys import load_keys
-from agents.launcher import AgentLauncher
-from agents.planner import make_plan
 from agents.source import SourceCheckpoint
 from conftest import StandaloneCoordinator, simulate
 from coordinator.core import Core
 from coordinator.events import Chunk, Hello, Write
+from coordinator.launch.agents import AgentLauncher
+from coordinator.launch.planner import make_plan
 from protocol.layers import split_layers
 from protocol.messages import decode_from_coordinator, encode
 from protocol.version import PROTOCOL_VERSION
 from sandbox import PermissionDeniedError, Sandbox
+from sandbox.layout import read_key_pair as load_keys
 
 
 def listing(root: Path, skip: Path) -> dict[str, tuple[int, int]]:
@@ -72,9 +72,19 @@ class Rogue:
 
 def hello(plan, fragment: int, **override) -> list:
     f = plan.fragments[fragment]
-    return encode("HELLO", {"v": PROTOCOL_VERSION, "run": plan.run_id, "plan": plan.digest, "fragment": fragment,
-                            "first_layer": f.first_layer, "last_layer": f.last_layer, "pid": os.getpid(),
-                            **override})
+    return encode(
+        "HELLO",
+        {
+            "v": PROTOCOL_VERSION,
+            "run": plan.run_id,
+            "plan": plan.digest,
+            "fragment": fragment,
+            "first_layer": f.first_layer,
+            "last_layer": f.last_layer,
+            "pid": os.getpid(),
+            **override,
+        },
+    )
 
 
 def test_rogue_process_hammers_a_live_run_and_the_run_ends_bit_exact(tiny_model: Path, tmp_path: Path) -> None:
@@ -115,7 +125,9 @@ def test_rogue_process_hammers_a_live_run_and_the_run_ends_bit_exact(tiny_model:
         "out-of-range item": encode("CHUNK", {"item": 10_000, "piece": 0}, b"\0" * 16),
         "out-of-range piece": encode("CHUNK", {"item": 0, "piece": 10_000}, b"\0" * 16),
         "wrong-dtype length": encode("CHUNK", {"item": 0, "piece": 0}, b"\0" * (piece // 2 + 2)),
-        "wrong bytes": encode("CHUNK", {"item": 0, "piece": 0}, b"\x7f" * min(piece, plan.fragments[1].items[0].nbytes)),
+        "wrong bytes": encode(
+            "CHUNK", {"item": 0, "piece": 0}, b"\x7f" * min(piece, plan.fragments[1].items[0].nbytes)
+        ),
         "replayed HELLO": hello(plan, 1),
         "garbage kind": [b"\xde\xad\xbe\xef", b"\x80"],
         "garbage header": [b"CHUNK", b"\xc1\xc1\xc1", b"x"],
@@ -148,8 +160,17 @@ def test_rogue_process_hammers_a_live_run_and_the_run_ends_bit_exact(tiny_model:
     assert denied and denied[0]["reason"] == "CURVE key not in the plan"
     rejected = [e for e in log if e["event"] == "message.rejected"]
     fields = [e["field"] for e in rejected]
-    for expected in ("HELLO.key", "CHUNK payload size", "CHUNK.item", "CHUNK.piece", "CHUNK.payload", "CHUNK.digest",
-                     "HELLO", "kind", "header"):
+    for expected in (
+        "HELLO.key",
+        "CHUNK payload size",
+        "CHUNK.item",
+        "CHUNK.piece",
+        "CHUNK.payload",
+        "CHUNK.digest",
+        "HELLO",
+        "kind",
+        "header",
+    ):
         assert expected in fields, (expected, fields)
     assert all(e["reason"] and e["expected"] for e in rejected)
     # Nothing outside the run directory changed.
@@ -166,16 +187,35 @@ def curve_plan(tiny_model: Path):
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(item=st.integers(-3, 40), piece=st.integers(-3, 300), length=st.integers(-1, 9000),
-       digest=st.sampled_from(["0" * 64, "f" * 64, "real"]), hello_ok=st.booleans())
-def test_fuzzed_chunks_never_reach_the_sandbox_unless_they_match_the_plan(curve_plan, item, piece, length, digest,
-                                                                          hello_ok) -> None:
+@given(
+    item=st.integers(-3, 40),
+    piece=st.integers(-3, 300),
+    length=st.integers(-1, 9000),
+    digest=st.sampled_from(["0" * 64, "f" * 64, "real"]),
+    hello_ok=st.booleans(),
+)
+def test_fuzzed_chunks_never_reach_the_sandbox_unless_they_match_the_plan(
+    curve_plan, item, piece, length, digest, hello_ok
+) -> None:
     plan = curve_plan
     core = Core(plan)
     if hello_ok:
         f = plan.fragments[1]
-        core.handle(Hello(0.0, "p", {"v": PROTOCOL_VERSION, "run": plan.run_id, "plan": plan.digest, "fragment": 1,
-                                     "first_layer": f.first_layer, "last_layer": f.last_layer, "pid": 1}))
+        core.handle(
+            Hello(
+                0.0,
+                "p",
+                {
+                    "v": PROTOCOL_VERSION,
+                    "run": plan.run_id,
+                    "plan": plan.digest,
+                    "fragment": 1,
+                    "first_layer": f.first_layer,
+                    "last_layer": f.last_layer,
+                    "pid": 1,
+                },
+            )
+        )
     items = plan.fragments[1].items
     real = None
     if 0 <= item < len(items) and 0 <= piece < len(items[item].pieces):
@@ -191,8 +231,10 @@ def test_fuzzed_chunks_never_reach_the_sandbox_unless_they_match_the_plan(curve_
 def test_disk_full_is_reported_and_loses_nothing_promoted(tiny_model: Path, tmp_path: Path) -> None:
     disk = tmp_path / "disk"
     disk.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=900k", "tmpfs", str(disk)],
-                      capture_output=True).returncode != 0:
+    if (
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=900k", "tmpfs", str(disk)], capture_output=True).returncode
+        != 0
+    ):
         pytest.skip("cannot mount a tmpfs here (needs root): the quota test below covers the same path")
     try:
         result = simulate(tiny_model, disk / "run", fragments=3, order="forward", piece_size=4096)
@@ -238,8 +280,12 @@ def test_quota_exhaustion_stops_cleanly_and_keeps_promoted_fragments(tiny_model:
 def test_read_only_filesystem_is_a_clear_error(tmp_path: Path) -> None:
     disk = tmp_path / "ro"
     disk.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k,ro", "tmpfs", str(disk)],
-                      capture_output=True).returncode != 0:
+    if (
+        subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=64k,ro", "tmpfs", str(disk)], capture_output=True
+        ).returncode
+        != 0
+    ):
         pytest.skip("cannot mount a read-only tmpfs here (needs root)")
     try:
         box = Sandbox(disk)

@@ -26,12 +26,16 @@ def check_exact(result, run_dir: Path) -> None:
     assert not list(run_dir.rglob("*.partial")), "no staging leftovers after a successful run"
 
 
-@pytest.mark.parametrize("fragments,orders", [
-    (3, list(itertools.permutations(range(3)))),
-    (4, list(itertools.permutations(range(4)))),
-])
-def test_every_arrival_order_with_real_processes(tiny_model: Path, tmp_path: Path, fragments: int,
-                                                 orders: list[tuple[int, ...]]) -> None:
+@pytest.mark.parametrize(
+    "fragments,orders",
+    [
+        (3, list(itertools.permutations(range(3)))),
+        (4, list(itertools.permutations(range(4)))),
+    ],
+)
+def test_every_arrival_order_with_real_processes(
+    tiny_model: Path, tmp_path: Path, fragments: int, orders: list[tuple[int, ...]]
+) -> None:
     for n, order in enumerate(orders):
         run_dir = tmp_path / f"run{n}"
         result = simulate(tiny_model, run_dir, fragments=fragments, order=",".join(map(str, order)))
@@ -44,7 +48,9 @@ def test_every_arrival_order_with_real_processes(tiny_model: Path, tmp_path: Pat
         check_exact(result, run_dir)
 
 
-def test_forward_run_snapshots_are_hard_links_that_stock_from_pretrained_loads(tiny_model: Path, tmp_path: Path) -> None:
+def test_forward_run_snapshots_are_hard_links_that_stock_from_pretrained_loads(
+    tiny_model: Path, tmp_path: Path
+) -> None:
     run_dir = tmp_path / "run"
     result = simulate(tiny_model, run_dir, fragments=3, order="forward")
     check_exact(result, run_dir)
@@ -54,7 +60,8 @@ def test_forward_run_snapshots_are_hard_links_that_stock_from_pretrained_loads(t
     assert checkpoints[0]["loaded"]["kind"] == "from_pretrained"
     assert [c["loaded"] for c in checkpoints[1:]] == [
         {"kind": "grow", "layers": [2, 3], "files": ["weights.safetensors"]},
-        {"kind": "grow", "layers": [4, 5], "files": ["weights.safetensors"]}]
+        {"kind": "grow", "layers": [4, 5], "files": ["weights.safetensors"]},
+    ]
     for c in checkpoints:
         snap = run_dir / c["snapshot"]
         config = json.loads((snap / "config.json").read_text())
@@ -112,7 +119,7 @@ def test_untied_gqa_sharded_checkpoint_runs_bit_exact(tiny_untied_sharded: Path,
     result = simulate(tiny_untied_sharded, run_dir, fragments=2, order="reverse")
     check_exact(result, run_dir)
     with safe_open(run_dir / "quorum/fragment_00/weights.safetensors", "pt") as fh:
-        assert "lm_head.weight" in fh.keys()
+        assert "lm_head.weight" in fh.keys()  # noqa: SIM118  (safe_open is no dict)
 
 
 def test_no_orphan_processes_after_a_run(tiny_model: Path, tmp_path: Path) -> None:

@@ -27,8 +27,9 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -187,7 +188,7 @@ def _write_weights(model: torch.nn.Module, path: Path, dtype: torch.dtype, log: 
     return sum(p.numel() for p in model.parameters())
 
 
-def _ties_embeddings(model: torch.nn.Module) -> bool:
+def _ties_embeddings(model: Any) -> bool:
     return bool(getattr(model.config.get_text_config(), "tie_word_embeddings", False))
 
 

@@ -27,12 +27,21 @@ class LiveView:
     def __init__(self, console: Console, plan: Any) -> None:
         self.console = console
         self.plan = plan
-        self.bars = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-                             console=console, transient=False, disable=not console.is_terminal)
-        self.tasks = {f.index: self.bars.add_task(f"fragment {f.index} ({f.label})", total=f.nbytes, start=False)
-                      for f in plan.fragments}
+        self.bars = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            DownloadColumn(),
+            TransferSpeedColumn(),
+            console=console,
+            transient=False,
+            disable=not console.is_terminal,
+        )
+        self.tasks = {
+            f.index: self.bars.add_task(f"fragment {f.index} ({f.label})", total=f.nbytes, start=False)
+            for f in plan.fragments
+        }
 
-    def __enter__(self) -> "LiveView":
+    def __enter__(self) -> LiveView:
         self.bars.__enter__()
         return self
 
@@ -48,16 +57,23 @@ class LiveView:
             self.bars.update(self.tasks[ev["fragment"]], completed=ev["received"])
         elif kind == "arrival":
             grew = "[green]prefix grew[/]" if ev["grew"] else "prefix unchanged"
-            self.console.print(f"arrival {ev['index']}: fragment {ev['fragment']} (layers {ev['fragment_layers']})"
-                               f" -> active layers {ev['layers']} {grew}")
+            self.console.print(
+                f"arrival {ev['index']}: fragment {ev['fragment']} (layers {ev['fragment_layers']})"
+                f" -> active layers {ev['layers']} {grew}"
+            )
         elif kind == "checkpoint":
-            self.console.print(f"  checkpoint {ev['checkpoint']}: {ev['layers']} layers "
-                               + escape(f"[{ev['label']}] {ev['generate_s']:.2f}s {ev['text']!r}"))
+            self.console.print(
+                f"  checkpoint {ev['checkpoint']}: {ev['layers']} layers "
+                + escape(f"[{ev['label']}] {ev['generate_s']:.2f}s {ev['text']!r}")
+            )
         elif kind == "dead":
             self.console.print(f"[red]agent of fragment {ev['fragment']} dead[/]: {ev['reason']}")
         elif kind == "storage_error":
-            self.console.print("[bold red]storage error[/]: " + escape(ev["error"]) +
-                               " (promoted fragments are intact; staged pieces are kept for `fragsim resume`)")
+            self.console.print(
+                "[bold red]storage error[/]: "
+                + escape(ev["error"])
+                + " (promoted fragments are intact; staged pieces are kept for `fragsim resume`)"
+            )
         elif kind == "rejected":
             self.console.print("[yellow]rejected[/] " + escape(ev["reason"]))
 
@@ -79,10 +95,14 @@ def print_summary(console: Console, results: dict[str, Any], run_dir: Path) -> N
     final = results["final"]
     if final.get("complete"):
         verdict = "[bold green]MATCHES[/]" if results["final_matches_baseline"] else "[bold red]DOES NOT MATCH[/]"
-        console.print(f"final checkpoint {verdict} the baseline: tensor digests {final['tensor_digests_match']} "
-                      f"({final['tensors_checked']} tensors, {final['files_checked']} files), logits max abs diff "
-                      f"{final['logits_max_abs_diff']}, tokens identical {final['tokens_identical']}")
+        console.print(
+            f"final checkpoint {verdict} the baseline: tensor digests {final['tensor_digests_match']} "
+            f"({final['tensors_checked']} tensors, {final['files_checked']} files), logits max abs diff "
+            f"{final['logits_max_abs_diff']}, tokens identical {final['tokens_identical']}"
+        )
     else:
-        console.print(f"[bold yellow]incomplete[/]: missing fragments {final['missing']} "
-                      f"(layers {', '.join(final['missing_ranges'])})")
+        console.print(
+            f"[bold yellow]incomplete[/]: missing fragments {final['missing']} "
+            f"(layers {', '.join(final['missing_ranges'])})"
+        )
     console.print(f"run directory: {run_dir}  (results.md, results.json, logs/)")

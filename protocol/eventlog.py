@@ -10,15 +10,17 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Any, TextIO
+from collections.abc import MutableMapping
+from typing import Any, TextIO, cast
 
 import structlog
 from blake3 import blake3
 
+from protocol.log_events import PROCESS_START
 from protocol.version import PROTOCOL_VERSION
 
 
-def _add_monotonic(_logger: Any, _name: str, event: dict[str, Any]) -> dict[str, Any]:
+def _add_monotonic(_logger: Any, _name: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
     event.setdefault("mono", round(time.monotonic(), 6))
     return event
 
@@ -38,7 +40,7 @@ class ChainedJSONRenderer:
         self.seq = 0
         self.prev: str | None = None
 
-    def __call__(self, _logger: Any, _name: str, event: dict[str, Any]) -> str:
+    def __call__(self, _logger: Any, _name: str, event: MutableMapping[str, Any]) -> str:
         event["seq"] = self.seq
         event["prev"] = self.prev
         line = json.dumps(event, default=_default, separators=(",", ":"))
@@ -51,9 +53,10 @@ def line_digest(line: str) -> str:
     return blake3(line.encode()).hexdigest()[:32]
 
 
-def open_event_log(stream: TextIO, *, run_id: str, role: str, fragment: int | None = None,
-                   **context: Any) -> structlog.typing.FilteringBoundLogger:
-    """A logger writing one JSON object per line to `stream` (opened through the sandbox)."""
+def open_event_log(
+    stream: TextIO, *, run_id: str, role: str, fragment: int | None = None, **context: Any
+) -> structlog.typing.FilteringBoundLogger:
+    """A logger writing one JSON object per line to `stream` (`Sandbox.open_log`)."""
     logger = structlog.wrap_logger(
         structlog.WriteLogger(stream),
         processors=[
@@ -63,29 +66,18 @@ def open_event_log(stream: TextIO, *, run_id: str, role: str, fragment: int | No
             ChainedJSONRenderer(),
         ],
     )
-    return logger.bind(run=run_id, role=role, **({"fragment": fragment} if fragment is not None else {}), **context)
+    bound = logger.bind(run=run_id, role=role, **({"fragment": fragment} if fragment is not None else {}), **context)
+    return cast(structlog.typing.FilteringBoundLogger, bound)
 
 
 def log_start(log: Any, **fields: Any) -> None:
     """The first line of every process log: versions a replay checks before trusting the rest."""
     from importlib.metadata import PackageNotFoundError, version
 
-    versions = {}
+    versions: dict[str, str | None] = {}
     for package in ("fragsim", "pyzmq", "msgpack", "structlog", "blake3"):
         try:
             versions[package] = version(package)
         except PackageNotFoundError:
             versions[package] = None
-    log.info("process.start", protocol_version=PROTOCOL_VERSION, versions=versions, **fields)
-
-
-def open_log_file(box: Any, rel: str) -> TextIO:
-    """Append to a log; if a killed process left half a line, end it so ours starts clean."""
-    if box.exists(rel):
-        with box.open_read(rel) as handle:
-            dangling = handle.size > 0 and handle.read_at(handle.size - 1, 1) != b"\n"
-        stream = box.open_append(rel)
-        if dangling:
-            stream.write("\n")
-        return stream
-    return box.open_append(rel)
+    log.info(PROCESS_START, protocol_version=PROTOCOL_VERSION, versions=versions, **fields)

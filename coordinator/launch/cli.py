@@ -12,43 +12,80 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from protocol.run_settings import DEFAULT_BIND, RunOptions
 
-def _simulate_parser(sub: argparse._SubParsersAction) -> None:
-    from agents.launcher import ORDER_HELP
 
+def _simulate_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from coordinator.launch.agents import ORDER_HELP
+
+    d = RunOptions()  # every default comes from the one definition of a run's options
     p = sub.add_parser("simulate", help="run agents and a coordinator end to end")
-    p.add_argument("--model", help="a local Hugging Face Llama-family checkpoint dir with safetensors "
-                                   "(default: the embedded SmolLM2-135M-Instruct, prepared once)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="dtype of the default model")
+    p.add_argument(
+        "--model",
+        help="a local Hugging Face Llama-family checkpoint dir with safetensors "
+        "(default: the embedded SmolLM2-135M-Instruct, prepared once)",
+    )
+    p.add_argument("--dtype", default=d.dtype, choices=["float32", "bfloat16"], help="dtype of the default model")
     group = p.add_mutually_exclusive_group()
-    group.add_argument("--fragments", type=int, default=4, help="split the layers into N even ranges (default 4)")
+    group.add_argument(
+        "--fragments",
+        type=int,
+        default=d.fragments,
+        help=f"split the layers into N even ranges (default {d.fragments})",
+    )
     group.add_argument("--ranges", help="explicit ranges, e.g. 0-7,8-15,16-22,23-29")
-    p.add_argument("--order", default="random", help=ORDER_HELP)
-    p.add_argument("--seed", type=int, default=0, help="seed of the random order (default 0)")
-    p.add_argument("--stagger", type=float, default=0.0, help="seconds to wait after a commit before the next agent")
+    p.add_argument("--order", default=d.order, help=ORDER_HELP)
+    p.add_argument("--seed", type=int, default=d.seed, help=f"seed of the random order (default {d.seed})")
+    p.add_argument(
+        "--stagger", type=float, default=d.stagger, help="seconds to wait after a commit before the next agent"
+    )
     p.add_argument("--parallel", action="store_true", help="start every agent at once (arrival order then races)")
-    p.add_argument("--prompt", default="The capital of France is")
-    p.add_argument("--max-new-tokens", type=int, default=24)
-    p.add_argument("--threads", type=int, default=2, help="torch threads in baseline and coordinator (must match)")
+    p.add_argument("--prompt", default=d.prompt)
+    p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
+    p.add_argument(
+        "--threads", type=int, default=d.threads, help="torch threads in baseline and coordinator (must match)"
+    )
     p.add_argument("--run-dir", help="run directory (default artifacts/runs/<run id>)")
-    p.add_argument("--artifacts", default="artifacts", help="artifacts root (default ./artifacts)")
-    p.add_argument("--bind", default="tcp://127.0.0.1:0",
-                   help="coordinator endpoint (default loopback, a free port); another address only when asked")
-    p.add_argument("--no-curve", dest="curve", action="store_false",
-                   help="no CURVE authentication/encryption (for measuring its cost; loopback only)")
+    p.add_argument("--artifacts", default=d.artifacts, help="artifacts root (default ./artifacts)")
+    p.add_argument(
+        "--bind",
+        default=d.bind,
+        help="coordinator endpoint (default loopback, a free port); another address only when asked",
+    )
+    p.add_argument(
+        "--no-curve",
+        dest="curve",
+        action="store_false",
+        help="no CURVE authentication/encryption (for measuring its cost; loopback only)",
+    )
     faults = p.add_argument_group("fault injection")
-    faults.add_argument("--kill", action="append", default=[], metavar="FRAG@FRACTION",
-                        help="SIGKILL that fragment's agent once FRACTION of its bytes arrived (0 = right after "
-                             "HELLO, 1 = after the last chunk, before commit; 'start' = before HELLO); repeatable")
-    faults.add_argument("--kill-random", type=int, default=0, metavar="N",
-                        help="N kills at random fragments and fractions, reproducible with --seed")
+    faults.add_argument(
+        "--kill",
+        action="append",
+        default=[],
+        metavar="FRAG@FRACTION",
+        help="SIGKILL that fragment's agent once FRACTION of its bytes arrived (0 = right after "
+        "HELLO, 1 = after the last chunk, before commit; 'start' = before HELLO); repeatable",
+    )
+    faults.add_argument(
+        "--kill-random",
+        type=int,
+        default=d.kill_random,
+        metavar="N",
+        help="N kills at random fragments and fractions, reproducible with --seed",
+    )
     faults.add_argument("--respawn", action="store_true", help="start a killed agent again; it resumes")
-    faults.add_argument("--respawn-delay", type=float, default=0.0, metavar="SECONDS")
-    faults.add_argument("--kill-coordinator", metavar="FRACTION",
-                        help="SIGKILL the coordinator once FRACTION of all bytes arrived ('reassembly': during "
-                             "the first reassembly)")
-    faults.add_argument("--resume", action="store_true",
-                        help="after --kill-coordinator, start a new coordinator on the same run at once")
+    faults.add_argument("--respawn-delay", type=float, default=d.respawn_delay, metavar="SECONDS")
+    faults.add_argument(
+        "--kill-coordinator",
+        metavar="FRACTION",
+        help="SIGKILL the coordinator once FRACTION of all bytes arrived ('reassembly': during the first reassembly)",
+    )
+    faults.add_argument(
+        "--resume",
+        action="store_true",
+        help="after --kill-coordinator, start a new coordinator on the same run at once",
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -57,8 +94,8 @@ def main(argv: list[str] | None = None) -> int:
 
     p = sub.add_parser("prepare", help="convert a model into a safetensors source checkpoint under artifacts/source/")
     p.add_argument("--model", help="a local Hugging Face checkpoint dir (default: the embedded SmolLM2 GGUF)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    p.add_argument("--artifacts", default="artifacts")
+    p.add_argument("--dtype", default=RunOptions.dtype, choices=["float32", "bfloat16"])
+    p.add_argument("--artifacts", default=RunOptions.artifacts)
     p.add_argument("--force", action="store_true", help="rebuild even if already prepared")
 
     _simulate_parser(sub)
@@ -88,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
 
     p = sub.add_parser("serve", help="run the coordinator for an existing run directory (started by simulate)")
     p.add_argument("--run-dir", required=True)
-    p.add_argument("--bind", default="tcp://127.0.0.1:0", help="endpoint to bind (default loopback, free port)")
+    p.add_argument("--bind", default=DEFAULT_BIND, help="endpoint to bind (default loopback, free port)")
     p.add_argument("--control-stdin", action="store_true", help="read launcher control lines on stdin")
     p.add_argument("--faults", help="fault-injection points as JSON (set by simulate)")
     p.add_argument("--quota-bytes", type=int, help="byte quota of the run directory (default: derived from the plan)")
@@ -108,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if args.command == "prepare":
-            from coordinator.prepare import prepare_default, prepare_model_dir
+            from coordinator.launch.prepare import prepare_default, prepare_model_dir
 
             artifacts = Path(args.artifacts)
             if args.model:
@@ -118,25 +155,26 @@ def main(argv: list[str] | None = None) -> int:
             print(out)
             return 0
         if args.command == "simulate":
-            from coordinator.simulate import SimulateOptions, run_simulation
+            from coordinator.launch.options import SimulateOptions
+            from coordinator.launch.simulate import run_simulation
 
             opts = SimulateOptions(**{k: v for k, v in vars(args).items() if k != "command"})
             return run_simulation(opts)
         if args.command == "resume":
-            from coordinator.simulate import resume_run
+            from coordinator.launch.simulate import resume_run
 
             return resume_run(Path(args.run_dir), respawn=not args.no_respawn)
         if args.command == "replay":
             return replay_command(args)
         if args.command == "bench":
-            from coordinator.bench import bench
-            from coordinator.prepare import prepare_default
+            from coordinator.lab.bench import bench
+            from coordinator.launch.prepare import prepare_default
 
             model = Path(args.model).resolve() if args.model else prepare_default(Path("artifacts"))
             bench(model, args.runs, Path(args.out), Path(args.runs_dir))
             return 0
         if args.command == "soak":
-            from coordinator.soak import soak
+            from coordinator.lab.soak import soak
 
             summary = soak(Path(args.model).resolve(), args.runs, args.seed, Path(args.out), Path(args.runs_dir))
             return 0 if summary["lost_data"] == 0 and summary["bit_exact"] == summary["runs"] else 1
@@ -157,10 +195,9 @@ def main(argv: list[str] | None = None) -> int:
 def replay_command(args: argparse.Namespace) -> int:
     from rich.console import Console
 
+    from coordinator.launch.replay_view import as_json, show, timeline, verify_model
+    from coordinator.launch.terminal import wide_console
     from coordinator.replay import ReplayRefused, run_replay
-    from coordinator.replay_view import as_json, show, timeline, verify_model
-
-    from coordinator.simulate import wide_console
 
     console = wide_console()
     try:
@@ -182,8 +219,10 @@ def replay_command(args: argparse.Namespace) -> int:
     for note in replay.notes:
         console.print(f"[yellow]note[/]: {note}", markup=True, highlight=False)
     if replay.agrees:
-        console.print(f"[bold green]replay agrees[/] with results.json: {len(replay.lines)} log lines, "
-                      f"{replay.segments} coordinator process(es), every core decision reproduced")
+        console.print(
+            f"[bold green]replay agrees[/] with results.json: {len(replay.lines)} log lines, "
+            f"{replay.segments} coordinator process(es), every core decision reproduced"
+        )
         return 0
     console.print(f"[bold red]replay disagrees[/]: {replay.differences[0]}")
     for more in replay.differences[1:5]:

@@ -17,29 +17,54 @@ from typing import TYPE_CHECKING, Any
 import psutil
 from rich.console import Console
 
-from agents.faults import START, parse_coordinator_kill, parse_kill, random_kills
-from agents.launcher import AgentLauncher
-from sandbox import Sandbox
+from coordinator.launch.agents import AgentLauncher
+from coordinator.launch.faults import START, parse_coordinator_kill, parse_kill, random_kills
+from coordinator.launch.options import PreparedRun, SimulateOptions
+from protocol import link
+from protocol.run_settings import DEFAULT_BIND
+from sandbox import Sandbox, layout
 
 if TYPE_CHECKING:
-    from coordinator.simulate import PreparedRun, SimulateOptions
-    from coordinator.terminal import LiveView
+    from coordinator.launch.terminal import LiveView
 
-READY_TIMEOUT_S = 180.0
+READY_TIMEOUT_S = 180.0  # a cold start imports torch and transformers on a busy machine
+FINISH_TIMEOUT_S = 60.0  # from the coordinator's "finished" to its exit
 
 
 class CoordinatorProcess:
     """The coordinator as a child process: progress JSON on its stdout, control on its stdin."""
 
-    def __init__(self, run_dir: Path, box: Sandbox, faults: dict[str, Any] | None = None,
-                 bind: str = "tcp://127.0.0.1:0", quota_bytes: int | None = None) -> None:
-        stderr = box.open_append("logs/coordinator.stderr")
+    def __init__(
+        self,
+        run_dir: Path,
+        box: Sandbox,
+        faults: dict[str, Any] | None = None,
+        bind: str = DEFAULT_BIND,
+        quota_bytes: int | None = None,
+    ) -> None:
+        stderr = box.open_append(layout.COORDINATOR_STDERR)
         extra = ["--quota-bytes", str(quota_bytes)] if quota_bytes else []
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "coordinator", "serve", "--run-dir", str(run_dir), "--control-stdin",
-             "--faults", json.dumps(faults or {}), "--bind", bind, *extra],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr, text=True, bufsize=1,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+            [
+                sys.executable,
+                "-m",
+                "coordinator",
+                "--run-dir",
+                str(run_dir),
+                "--control-stdin",
+                "--faults",
+                json.dumps(faults or {}),
+                "--bind",
+                bind,
+                *extra,
+            ],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            text=True,
+            bufsize=1,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
         stderr.close()
         self.events: queue.Queue[dict[str, Any] | None] = queue.Queue()
         threading.Thread(target=self._read, daemon=True).start()
@@ -47,28 +72,41 @@ class CoordinatorProcess:
     def _read(self) -> None:
         assert self.proc.stdout is not None
         for line in self.proc.stdout:
-            try:
-                self.events.put(json.loads(line))
-            except json.JSONDecodeError:
-                self.events.put({"progress": "output", "line": line.rstrip()})
+            self.events.put(link.parse_progress(line))
         self.events.put(None)
 
     def next_event(self, timeout: float) -> dict[str, Any] | None:
         try:
             return self.events.get(timeout=timeout)
         except queue.Empty:
-            return {"progress": "idle"}
+            return {"progress": link.IDLE}
 
-    def control(self, line: str) -> None:
+    def await_ready(self, early: list[dict[str, Any]] | None = None) -> str:
+        """Wait for the coordinator's endpoint; events before it (a resumed run's restore) go to `early`."""
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while time.monotonic() < deadline:
+            ev = self.next_event(1.0)
+            if ev is None:
+                raise RuntimeError(
+                    f"the coordinator exited ({self.proc.wait()}) before it was ready; "
+                    f"see {layout.COORDINATOR_STDERR} in the run directory"
+                )
+            if ev.get("progress") == link.READY:
+                return str(ev["endpoint"])
+            if early is not None and ev.get("progress") != link.IDLE:
+                early.append(ev)
+        raise RuntimeError(f"the coordinator was not ready within {READY_TIMEOUT_S}s")
+
+    def control(self, kind: str, reason: str = "") -> None:
         if self.proc.stdin and not self.proc.stdin.closed:
             try:
-                self.proc.stdin.write(line + "\n")
+                self.proc.stdin.write(link.control_line(kind, reason))
                 self.proc.stdin.flush()
             except BrokenPipeError:
                 pass
 
 
-def run_faults(opts: "SimulateOptions", fragments: int) -> dict[str, Any]:
+def run_faults(opts: SimulateOptions, fragments: int) -> dict[str, Any]:
     kills = [parse_kill(spec, fragments) for spec in opts.kill]
     kills += random_kills(opts.kill_random, fragments, opts.seed)
     return {"kills": kills, "kill_coordinator": parse_coordinator_kill(opts.kill_coordinator)}
@@ -78,17 +116,19 @@ class Driver:
     """The launcher's loop: start agents in order, react to the coordinator's progress, carry
     out kills from outside the target process, respawn, and replace a killed coordinator."""
 
-    def __init__(self, opts: "SimulateOptions", run: "PreparedRun", console: Console,
-                 faults: dict[str, Any]) -> None:
+    def __init__(self, opts: SimulateOptions, run: PreparedRun, console: Console, faults: dict[str, Any]) -> None:
         self.opts, self.run, self.console = opts, run, console
         self.start_kills = [f for f, x in faults["kills"] if x == START]
-        self.coordinator_faults = {"kills": [[f, x] for f, x in faults["kills"] if x != START],
-                                   "kill_coordinator": faults["kill_coordinator"]}
-        self.view: "LiveView | None" = None
+        self.coordinator_faults = {
+            "kills": [[f, x] for f, x in faults["kills"] if x != START],
+            "kill_coordinator": faults["kill_coordinator"],
+        }
+        self.view: LiveView | None = None
         self.coordinator: CoordinatorProcess | None = None
         self.launcher: AgentLauncher | None = None
-        self.committed: set[int] = {i for i in range(len(run.plan.fragments))
-                                    if run.box.exists(f"quorum/fragment_{i:02d}")}
+        self.committed: set[int] = {
+            i for i in range(len(run.plan.fragments)) if run.box.exists(layout.committed_dir(i))
+        }
         self.pending = [f for f in run.order if f not in self.committed]
         self.started: list[int] = []
         self.waiting_for: int | None = None
@@ -105,12 +145,17 @@ class Driver:
     # ---- processes -------------------------------------------------------------------
 
     def start_coordinator(self) -> None:
-        self.coordinator = CoordinatorProcess(self.run.run_dir, self.run.box, self.coordinator_faults,
-                                              bind=self.opts.bind, quota_bytes=self.opts.quota_bytes)
+        self.coordinator = CoordinatorProcess(
+            self.run.run_dir,
+            self.run.box,
+            self.coordinator_faults,
+            bind=self.opts.bind,
+            quota_bytes=self.opts.quota_bytes,
+        )
 
     def await_ready(self) -> None:
         assert self.coordinator is not None
-        endpoint = _await_ready(self.coordinator, self.early)
+        endpoint = self.coordinator.await_ready(self.early)
         if self.launcher is None:
             self.launcher = AgentLauncher(self.run.run_dir, endpoint)
         self.launcher.endpoint = endpoint
@@ -118,16 +163,16 @@ class Driver:
     def await_warm(self, timeout: float = READY_TIMEOUT_S) -> None:
         """Wait until the coordinator finished importing torch, so the baseline is timed on a quiet machine."""
         assert self.coordinator is not None
-        if any(ev.get("progress") == "warm" for ev in self.early):
+        if any(ev.get("progress") == link.WARM for ev in self.early):
             return
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             ev = self.coordinator.next_event(0.5)
             if ev is None:
                 raise RuntimeError("the coordinator exited while loading torch; see logs/coordinator.stderr")
-            if ev.get("progress") == "warm":
+            if ev.get("progress") == link.WARM:
                 return
-            if ev.get("progress") != "idle":
+            if ev.get("progress") != link.IDLE:
                 self.early.append(ev)
 
     def spawn(self, fragment: int) -> None:
@@ -143,8 +188,9 @@ class Driver:
         assert self.launcher is not None
         proc = self.launcher.procs[fragment]
         self.launcher.kill(fragment)
-        self.kills.append({"target": "agent", "fragment": fragment, "fraction": fraction, "pid": proc.pid,
-                           "t": time.time()})
+        self.kills.append(
+            {"target": "agent", "fragment": fragment, "fraction": fraction, "pid": proc.pid, "t": time.time()}
+        )
         self.say(f"[red]SIGKILL[/] agent {fragment} (pid {proc.pid}) at {fraction}")
         if self.opts.respawn:
             self.respawn_at[fragment] = time.monotonic() + self.opts.respawn_delay
@@ -158,8 +204,15 @@ class Driver:
         assert self.coordinator is not None and self.launcher is not None
         self.coordinator.proc.kill()
         self.coordinator.proc.wait()
-        self.kills.append({"target": "coordinator", "at": point.get("at"), "stage": point.get("stage"),
-                           "pid": point.get("pid"), "t": time.time()})
+        self.kills.append(
+            {
+                "target": "coordinator",
+                "at": point.get("at"),
+                "stage": point.get("stage"),
+                "pid": point.get("pid"),
+                "t": time.time(),
+            }
+        )
         self.say(f"[red]SIGKILL[/] coordinator (pid {point.get('pid')}) at {point.get('at')}")
         # Agents of a dead coordinator are orphans: stop them; they are respawned against the new one.
         for fragment in list(self.launcher.procs):
@@ -205,29 +258,34 @@ class Driver:
             kind = ev.get("progress")
             if self.view is not None:
                 self.view.show(ev)
-            if kind == "kill_point" and ev["target"] == "agent":
+            if kind == link.KILL_POINT and ev["target"] == "agent":
                 self.kill_agent(ev["fragment"], ev["fraction"])
-                self.coordinator.control("killed")
-            elif kind == "kill_point" and ev["target"] == "coordinator":
+                self.coordinator.control(link.KILLED)
+            elif kind == link.KILL_POINT and ev["target"] == "coordinator":
                 if not self.kill_coordinator(ev):
                     return "coordinator killed"
-            elif kind in ("committed", "arrival"):
+            elif kind in (link.COMMITTED, link.ARRIVAL):
                 fragment = ev["fragment"]
                 self.committed.add(fragment)
                 self.respawn_at.pop(fragment, None)
                 if self.waiting_for == fragment:
                     self.waiting_for = None
                     next_launch = time.monotonic() + self.opts.stagger
-            elif kind == "finished":
-                self.coordinator_code = self.coordinator.proc.wait(timeout=60)
+            elif kind == link.FINISHED:
+                self.coordinator_code = self.coordinator.proc.wait(timeout=FINISH_TIMEOUT_S)
                 return "complete" if ev["complete"] else "incomplete"
             self._notice_exits()
             self._sample_memory()
-            if (not self.pending and self.waiting_for is None and not self.respawn_at and not self.asked_to_end
-                    and all(self.launcher.exited(f) is not None for f in self.launcher.procs)
-                    and len(self.committed) < len(self.run.plan.fragments)):
+            if (
+                not self.pending
+                and self.waiting_for is None
+                and not self.respawn_at
+                and not self.asked_to_end
+                and all(self.launcher.exited(f) is not None for f in self.launcher.procs)
+                and len(self.committed) < len(self.run.plan.fragments)
+            ):
                 # Nobody left to deliver the missing fragments: finish with the longest prefix.
-                self.coordinator.control("end: every agent has exited")
+                self.coordinator.control(link.END, "every agent has exited")
                 self.asked_to_end = True
 
     def _sample_memory(self) -> None:
@@ -236,7 +294,7 @@ class Driver:
         if now < self._next_sample or self.launcher is None or self.coordinator is None:
             return
         self._next_sample = now + 0.05
-        targets = {"coordinator": self.coordinator.proc}
+        targets: dict[str, subprocess.Popen[Any]] = {"coordinator": self.coordinator.proc}
         targets.update({f"agent_{f:02d}": p for f, p in self.launcher.procs.items()})
         for name, proc in targets.items():
             try:
@@ -254,7 +312,7 @@ class Driver:
             if rc == -signal.SIGKILL and (fragment in self.respawn_at):
                 continue  # our own kill, respawn already scheduled
             self.given_up.add(fragment)
-            self.say(f"[red]agent {fragment} exited with status {rc}[/] (logs/agent_{fragment:02d}.*)")
+            self.say(f"[red]agent {fragment} exited with status {rc}[/] ({layout.agent_stderr(fragment)})")
             if self.waiting_for == fragment:
                 self.waiting_for = None
 
@@ -263,7 +321,7 @@ class Driver:
             self.launcher.stop_all()
         if self.coordinator and self.coordinator.proc.poll() is None:
             try:
-                self.coordinator.proc.wait(timeout=60)
+                self.coordinator.proc.wait(timeout=FINISH_TIMEOUT_S)
             except subprocess.TimeoutExpired:
                 self.coordinator.proc.kill()
                 self.coordinator.proc.wait()
@@ -273,23 +331,13 @@ class Driver:
 
     def record(self) -> dict[str, Any]:
         assert self.launcher is not None
-        return {"kills": self.kills, "resumes": self.resumes, "agent_attempts": dict(self.launcher.attempts),
-                "peak_rss_mb": {k: round(v / 1e6, 1) for k, v in sorted(self.peak_rss.items())},
-                "agent_memory_limit_mb": round(self.launcher.memory_limit / 1e6),
-                "faults": {"kills": [list(k) for k in self.coordinator_faults["kills"]] +
-                           [[f, START] for f in self.start_kills]}}
-
-
-def _await_ready(coordinator: CoordinatorProcess, early: list[dict[str, Any]] | None = None) -> str:
-    """Wait for the coordinator's endpoint; events before it (a resumed run's restore) go to `early`."""
-    deadline = time.monotonic() + READY_TIMEOUT_S
-    while time.monotonic() < deadline:
-        ev = coordinator.next_event(1.0)
-        if ev is None:
-            raise RuntimeError(f"the coordinator exited ({coordinator.proc.wait()}) before it was ready; "
-                               "see logs/coordinator.stderr in the run directory")
-        if ev.get("progress") == "ready":
-            return ev["endpoint"]
-        if early is not None and ev.get("progress") != "idle":
-            early.append(ev)
-    raise RuntimeError(f"the coordinator was not ready within {READY_TIMEOUT_S}s")
+        return {
+            "kills": self.kills,
+            "resumes": self.resumes,
+            "agent_attempts": dict(self.launcher.attempts),
+            "peak_rss_mb": {k: round(v / 1e6, 1) for k, v in sorted(self.peak_rss.items())},
+            "agent_memory_limit_mb": round(self.launcher.memory_limit / 1e6),
+            "faults": {
+                "kills": [list(k) for k in self.coordinator_faults["kills"]] + [[f, START] for f in self.start_kills]
+            },
+        }

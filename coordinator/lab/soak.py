@@ -11,23 +11,39 @@ from typing import Any
 
 from rich.console import Console
 
-from coordinator.simulate import SimulateOptions, run_quietly, wide_console
+from coordinator.launch.options import SimulateOptions
+from coordinator.launch.simulate import run_quietly
+from coordinator.launch.terminal import wide_console
 
 
 def soak_run(model: Path, root: Path, index: int, seed: int) -> dict[str, Any]:
     rng = random.Random(f"soak-{seed}-{index}")
     fragments = rng.randint(2, 4)
     opts = SimulateOptions(
-        model=str(model), run_dir=str(root / f"run_{index:03d}"), fragments=fragments, order="random",
-        seed=rng.randrange(10**6), threads=1, piece_size=4096, respawn=True, kill_random=rng.randint(1, 3),
-        max_new_tokens=8)
+        model=str(model),
+        run_dir=str(root / f"run_{index:03d}"),
+        fragments=fragments,
+        order="random",
+        seed=rng.randrange(10**6),
+        threads=1,
+        piece_size=4096,
+        respawn=True,
+        kill_random=rng.randint(1, 3),
+        max_new_tokens=8,
+    )
     if rng.random() < 0.3:
         opts = replace(opts, kill_coordinator=str(round(rng.random(), 2)), resume=True)
     started = time.perf_counter()
     code, results, run, _ = run_quietly(opts, model)
-    record: dict[str, Any] = {"run": index, "fragments": fragments, "order": run.order, "code": code,
-                              "seconds": round(time.perf_counter() - started, 3), "kill_random": opts.kill_random,
-                              "kill_coordinator": opts.kill_coordinator}
+    record: dict[str, Any] = {
+        "run": index,
+        "fragments": fragments,
+        "order": run.order,
+        "code": code,
+        "seconds": round(time.perf_counter() - started, 3),
+        "kill_random": opts.kill_random,
+        "kill_coordinator": opts.kill_coordinator,
+    }
     if results is None:
         record.update(bit_exact=False, lost_data=True, kills=0, resumes=0)
         return record
@@ -43,8 +59,11 @@ def soak_run(model: Path, root: Path, index: int, seed: int) -> dict[str, Any]:
         duplicate_bytes=sum(f["duplicate_bytes"] for f in frags),
         attempts=sum(f["attempts"] for f in frags),
         # Lost data: a completed run that is not exact, or a fragment whose verified bytes had to be re-sent.
-        lost_data=bool(not results["final_matches_baseline"] or any(f["resent_bytes"] for f in frags)
-                       or any(f["received_bytes"] != f["bytes"] for f in frags)),
+        lost_data=bool(
+            not results["final_matches_baseline"]
+            or any(f["resent_bytes"] for f in frags)
+            or any(f["received_bytes"] != f["bytes"] for f in frags)
+        ),
     )
     return record
 
@@ -58,10 +77,15 @@ def soak(model: Path, runs: int, seed: int, out: Path, root: Path, console: Cons
         record = soak_run(model, root, index, seed)
         records.append(record)
         mark = "[green]exact[/]" if record["bit_exact"] else "[red]NOT EXACT[/]"
-        console.print(f"run {index + 1:3d}/{runs}: {record['fragments']} fragments, {record['kills']} kills, "
-                      f"{record['resumes']} resumes, exit {record['code']}, {mark} ({record['seconds']:.1f}s)")
+        console.print(
+            f"run {index + 1:3d}/{runs}: {record['fragments']} fragments, {record['kills']} kills, "
+            f"{record['resumes']} resumes, exit {record['code']}, {mark} ({record['seconds']:.1f}s)"
+        )
     summary = {
-        "model": str(model), "runs": runs, "seed": seed, "seconds": round(time.perf_counter() - started, 1),
+        "model": str(model),
+        "runs": runs,
+        "seed": seed,
+        "seconds": round(time.perf_counter() - started, 1),
         "completed": sum(1 for r in records if r["code"] == 0),
         "bit_exact": sum(1 for r in records if r["bit_exact"]),
         "lost_data": sum(1 for r in records if r["lost_data"]),
@@ -75,7 +99,9 @@ def soak(model: Path, runs: int, seed: int, out: Path, root: Path, console: Cons
     }
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(summary, indent=1) + "\n")
-    console.print(f"{summary['runs']} runs, {summary['kills']} kills ({summary['agent_kills']} agents, "
-                  f"{summary['coordinator_kills']} coordinator), {summary['resumes']} resumes: "
-                  f"{summary['bit_exact']} bit-exact, {summary['lost_data']} lost data -> {out}")
+    console.print(
+        f"{summary['runs']} runs, {summary['kills']} kills ({summary['agent_kills']} agents, "
+        f"{summary['coordinator_kills']} coordinator), {summary['resumes']} resumes: "
+        f"{summary['bit_exact']} bit-exact, {summary['lost_data']} lost data -> {out}"
+    )
     return summary

@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from coordinator.replay import Replay
+from protocol import log_events as E
 
 WIDTH = 100
 
@@ -30,8 +31,8 @@ def timeline(replay: Replay) -> list[str]:
         by_file.setdefault(line.file, []).append(line.data)
     for name, events in sorted(by_file.items()):
         life: list[dict[str, Any]] = []
-        for d in events + [{"event": "process.start"}]:
-            if d.get("event") == "process.start" and life:
+        for d in events + [{"event": E.PROCESS_START}]:
+            if d.get("event") == E.PROCESS_START and life:
                 label = _label(name, life)
                 marks = _marks(life)
                 spans.append((label, life[0]["mono"], life[-1]["mono"], marks))
@@ -62,29 +63,38 @@ def _label(name: str, life: list[dict[str, Any]]) -> str:
 
 def _marks(life: list[dict[str, Any]]) -> list[tuple[float, str]]:
     marks: list[tuple[float, str]] = []
-    committed = any(d.get("event") == "agent.committed" for d in life)
+    committed = any(d.get("event") == E.AGENT_COMMITTED for d in life)
     for d in life:
         ev = d.get("event")
-        if ev == "agent.welcome":
+        if ev == E.AGENT_WELCOME:
             marks.append((d["mono"], "▶"))
-        elif ev == "agent.committed":
+        elif ev == E.AGENT_COMMITTED:
             marks.append((d["mono"] - d.get("seconds", 0), "█"))
             marks.append((d["mono"], "✓"))
-        elif ev == "checkpoint.evaluated":
+        elif ev == E.CHECKPOINT_EVALUATED:
             marks.append((d["mono"], "◆"))
-        elif ev == "coordinator.restore":
+        elif ev == E.RESTORE:
             marks.append((d["mono"], "↻"))
     role_agent = life[0].get("role") == "agent"
-    finished = any(d.get("event") in ("run.finished", "process.exit") for d in life)
+    finished = any(d.get("event") in (E.RUN_FINISHED, E.PROCESS_EXIT) for d in life)
     if (role_agent and not committed and not finished) or (not role_agent and not finished):
         marks.append((life[-1]["mono"], "✗"))
     return marks
 
 
 def as_json(replay: Replay) -> str:
-    return json.dumps({"run_dir": str(replay.run_dir), "agrees": replay.agrees, "differences": replay.differences,
-                       "notes": replay.notes, "coordinator_processes": replay.segments,
-                       "story": [{"mono": t, "text": s} for t, s in replay.story], "rebuilt": replay.rebuilt}, indent=1)
+    return json.dumps(
+        {
+            "run_dir": str(replay.run_dir),
+            "agrees": replay.agrees,
+            "differences": replay.differences,
+            "notes": replay.notes,
+            "coordinator_processes": replay.segments,
+            "story": [{"mono": t, "text": s} for t, s in replay.story],
+            "rebuilt": replay.rebuilt,
+        },
+        indent=1,
+    )
 
 
 def verify_model(replay: Replay, console: Console) -> list[str]:
@@ -93,7 +103,7 @@ def verify_model(replay: Replay, console: Console) -> list[str]:
 
     from coordinator.evaluate import generate, set_determinism
 
-    settings = next((ln.data["settings"] for ln in replay.lines if ln.data.get("event") == "run.settings"), None)
+    settings = next((ln.data["settings"] for ln in replay.lines if ln.data.get("event") == E.RUN_SETTINGS), None)
     if settings is None:
         return ["no run.settings event in the coordinator log: cannot re-evaluate with the run's prompt"]
     set_determinism(int(settings["threads"]))
@@ -104,8 +114,10 @@ def verify_model(replay: Replay, console: Console) -> list[str]:
         tokenizer = AutoTokenizer.from_pretrained(snapshot, local_files_only=True)
         gen = generate(model, tokenizer, settings["prompt"], int(settings["max_new_tokens"]))
         same = gen.tokens == ck["tokens"] and gen.text == ck["text"]
-        console.print(f"checkpoint {ck['checkpoint']} ({ck['layers']} layers) re-evaluated from {ck['snapshot']}: "
-                      + ("[green]identical[/]" if same else "[red]DIFFERENT[/]"))
+        console.print(
+            f"checkpoint {ck['checkpoint']} ({ck['layers']} layers) re-evaluated from {ck['snapshot']}: "
+            + ("[green]identical[/]" if same else "[red]DIFFERENT[/]")
+        )
         if not same:
             problems.append(f"checkpoint {ck['checkpoint']}: logged {ck['text']!r}, re-evaluated {gen.text!r}")
     return problems

@@ -12,8 +12,8 @@ from safetensors.torch import save as save_safetensors_bytes
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from coordinator.evaluate import generate, prompt_ids, sequence_logits, set_determinism
-from coordinator.reassembly import BASELINE_JSON, BASELINE_LOGITS
 from sandbox import Sandbox
+from sandbox.layout import BASELINE_DIR, BASELINE_JSON, BASELINE_LOGITS
 
 
 class SourceModel:
@@ -31,16 +31,26 @@ class SourceModel:
         return record_baseline(box, self.model, self.tokenizer, prompt, max_new_tokens, self.load_s)
 
 
-def record_baseline(box: Sandbox, model: Any, tokenizer: Any, prompt: str, max_new_tokens: int,
-                    load_s: float = 0.0) -> dict[str, Any]:
+def record_baseline(
+    box: Sandbox, model: Any, tokenizer: Any, prompt: str, max_new_tokens: int, load_s: float = 0.0
+) -> dict[str, Any]:
     generate(model, tokenizer, prompt, 2)  # warm-up: first calls pay one-off kernel setup
     gen = generate(model, tokenizer, prompt, max_new_tokens)
     ids = prompt_ids(tokenizer, prompt)[0].tolist()
-    logits = {"prompt": sequence_logits(model, ids).contiguous(),
-              "sequence": sequence_logits(model, ids + gen.tokens).contiguous()}
-    box.mkdir("baseline")
+    logits = {
+        "prompt": sequence_logits(model, ids).contiguous(),
+        "sequence": sequence_logits(model, ids + gen.tokens).contiguous(),
+    }
+    box.mkdir(BASELINE_DIR)
     box.write_bytes(BASELINE_LOGITS, save_safetensors_bytes(logits))
-    record = {"text": gen.text, "tokens": gen.tokens, "seconds": round(gen.seconds, 6), "label": gen.label,
-              "prompt_tokens": ids, "load_s": round(load_s, 6), "num_layers": model.config.num_hidden_layers}
+    record = {
+        "text": gen.text,
+        "tokens": gen.tokens,
+        "seconds": round(gen.seconds, 6),
+        "label": gen.label,
+        "prompt_tokens": ids,
+        "load_s": round(load_s, 6),
+        "num_layers": model.config.num_hidden_layers,
+    }
     box.write_json(BASELINE_JSON, record)
     return record

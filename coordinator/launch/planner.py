@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 from blake3 import blake3
 
@@ -14,9 +15,16 @@ from protocol.plan import DEFAULT_PIECE_SIZE, Fragment, Item, Plan
 Progress = Callable[[int, int], None]  # (bytes hashed so far, total bytes)
 
 
-def make_plan(source: SourceCheckpoint, ranges: list[LayerRange], *, run_id: str, model_name: str,
-              piece_size: int = DEFAULT_PIECE_SIZE, progress: Progress | None = None,
-              extra: dict | None = None) -> Plan:
+def make_plan(
+    source: SourceCheckpoint,
+    ranges: list[LayerRange],
+    *,
+    run_id: str,
+    model_name: str,
+    piece_size: int = DEFAULT_PIECE_SIZE,
+    progress: Progress | None = None,
+    extra: dict[str, Any] | None = None,
+) -> Plan:
     config = source.config
     num_layers = int(config.get("num_hidden_layers", 0))
     check_ranges(ranges, num_layers)
@@ -32,10 +40,11 @@ def make_plan(source: SourceCheckpoint, ranges: list[LayerRange], *, run_id: str
 
     side_files = source.side_files()
     total = sum(loc.nbytes for loc in source.tensors.values()) + sum(
-        (source.directory / f).stat().st_size for f in side_files)
+        (source.directory / f).stat().st_size for f in side_files
+    )
     done = 0
 
-    def hashed(name: str, kind: str, file: str, offset: int, nbytes: int, **extra) -> Item:
+    def hashed(name: str, kind: str, file: str, offset: int, nbytes: int, **extra: Any) -> Item:
         nonlocal done
         view = source.view(file, offset, nbytes)
         whole = blake3(max_threads=blake3.AUTO)
@@ -47,13 +56,23 @@ def make_plan(source: SourceCheckpoint, ranges: list[LayerRange], *, run_id: str
             done += len(chunk)
             if progress:
                 progress(done, total)
-        return Item(name=name, kind=kind, nbytes=nbytes, digest=whole.hexdigest(), pieces=tuple(pieces),
-                    source_file=file, source_offset=offset, **extra)
+        return Item(
+            name=name,
+            kind=kind,
+            nbytes=nbytes,
+            digest=whole.hexdigest(),
+            pieces=tuple(pieces),
+            source_file=file,
+            source_offset=offset,
+            **extra,
+        )
 
     fragments = []
-    for index, ((first, last), locs) in enumerate(zip(ranges, by_fragment)):
-        items = [hashed(loc.name, "tensor", loc.file, loc.offset, loc.nbytes, dtype=loc.dtype, shape=loc.shape)
-                 for loc in locs]
+    for index, ((first, last), locs) in enumerate(zip(ranges, by_fragment, strict=True)):
+        items = [
+            hashed(loc.name, "tensor", loc.file, loc.offset, loc.nbytes, dtype=loc.dtype, shape=loc.shape)
+            for loc in locs
+        ]
         if index == 0:
             for fname in side_files:
                 size = (source.directory / fname).stat().st_size

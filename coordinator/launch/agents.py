@@ -1,4 +1,4 @@
-"""Spawn agent processes in a chosen order; the fault injector of later runs kills them here."""
+"""Agent processes started by this launcher, in a chosen order; kills land here too."""
 
 from __future__ import annotations
 
@@ -9,10 +9,11 @@ import resource
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from protocol.errors import PlanError
-from sandbox import Sandbox
+from sandbox import Sandbox, layout
 
 ORDER_HELP = "random (seeded shuffle), forward, reverse, or an explicit permutation such as 2,0,3,1"
 
@@ -41,14 +42,15 @@ AGENT_BASE_AS = 2 * 1024**3
 
 
 def agent_memory_limit(run_dir: Path) -> int:
-    plan = json.loads((run_dir / "plan.json").read_text())
+    plan = json.loads((run_dir / layout.PLAN).read_text())
     source = Path(plan["model"]["source_dir"])
     return AGENT_BASE_AS + 2 * sum(p.stat().st_size for p in source.glob("*.safetensors"))
 
 
-def _limit_memory(limit: int):
+def _limit_memory(limit: int) -> Callable[[], None]:
     def apply() -> None:  # runs in the child between fork and exec
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
     return apply
 
 
@@ -59,16 +61,29 @@ class AgentLauncher:
         self.memory_limit = agent_memory_limit(run_dir)
         self.endpoint = endpoint
         self.python = python
-        self.procs: dict[int, subprocess.Popen] = {}
+        self.procs: dict[int, subprocess.Popen[bytes]] = {}
         self.attempts: dict[int, int] = {}
 
-    def spawn(self, fragment: int) -> subprocess.Popen:
+    def spawn(self, fragment: int) -> subprocess.Popen[bytes]:
         self.attempts[fragment] = self.attempts.get(fragment, 0) + 1
-        stderr = self.box.open_append(f"logs/agent_{fragment:02d}.stderr")
+        stderr = self.box.open_append(layout.agent_stderr(fragment))
         proc = subprocess.Popen(
-            [self.python, "-m", "agents", "run", "--run-dir", str(self.run_dir), "--fragment", str(fragment),
-             "--connect", self.endpoint],
-            stdin=subprocess.DEVNULL, stdout=stderr, stderr=stderr, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            [
+                self.python,
+                "-m",
+                "agents",
+                "run",
+                "--run-dir",
+                str(self.run_dir),
+                "--fragment",
+                str(fragment),
+                "--connect",
+                self.endpoint,
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=stderr,
+            stderr=stderr,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
             preexec_fn=_limit_memory(self.memory_limit),
         )
         stderr.close()

@@ -7,55 +7,28 @@ import io
 import json
 import secrets
 import time
-from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 from rich.markup import escape
 
-from agents.keys import make_run_keys
-from agents.launcher import launch_order
-from agents.planner import make_plan
 from agents.source import SourceCheckpoint
-from coordinator.driver import Driver, run_faults
-from coordinator.terminal import LiveView, print_summary, wide_console
+from coordinator.launch.agents import launch_order
+from coordinator.launch.driver import Driver, run_faults
+from coordinator.launch.keys import make_run_keys
+from coordinator.launch.options import PreparedRun, SimulateOptions
+from coordinator.launch.planner import make_plan
+from coordinator.launch.terminal import LiveView, print_summary, wide_console
+from protocol.exit_codes import RunExit
 from protocol.layers import parse_ranges, split_layers
 from protocol.plan import Plan
-from sandbox import Sandbox
-
-EXIT_OK, EXIT_MISMATCH, EXIT_USAGE, EXIT_INCOMPLETE, EXIT_FAILED, EXIT_COORDINATOR_KILLED = 0, 1, 2, 3, 4, 5
-
-
-@dataclass
-class SimulateOptions:
-    model: str | None = None
-    dtype: str = "float32"
-    fragments: int = 4
-    ranges: str | None = None
-    order: str = "random"
-    seed: int = 0
-    stagger: float = 0.0
-    parallel: bool = False
-    prompt: str = "The capital of France is"
-    max_new_tokens: int = 24
-    run_dir: str | None = None
-    artifacts: str = "artifacts"
-    threads: int = 2
-    piece_size: int = 2 * 1024 * 1024
-    kill: list[str] = field(default_factory=list)
-    kill_random: int = 0
-    respawn: bool = False
-    respawn_delay: float = 0.0
-    kill_coordinator: str | None = None
-    resume: bool = False
-    bind: str = "tcp://127.0.0.1:0"
-    quota_bytes: int | None = None
-    curve: bool = True
+from protocol.run_settings import RunSettings
+from sandbox import Sandbox, layout
 
 
 def resolve_source(opts: SimulateOptions, console: Console) -> tuple[Path, str]:
-    from coordinator.prepare import DEFAULT_MODEL_NAME, is_prepared, prepare_default
+    from coordinator.launch.prepare import DEFAULT_MODEL_NAME, is_prepared, prepare_default
 
     if opts.model:
         path = Path(opts.model).resolve()
@@ -71,15 +44,6 @@ def new_run_id() -> str:
     return time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(2)
 
 
-@dataclass
-class PreparedRun:
-    run_dir: Path
-    box: Sandbox
-    plan: Any
-    order: list[int]
-    source_dir: Path
-
-
 def plan_run(opts: SimulateOptions, source_dir: Path, model_name: str) -> PreparedRun:
     """Read the source once and write plan.json and run.json: nothing has started yet."""
     source = SourceCheckpoint(source_dir)
@@ -93,21 +57,21 @@ def plan_run(opts: SimulateOptions, source_dir: Path, model_name: str) -> Prepar
         box = Sandbox(run_dir, create=True)
         if box.listdir("."):
             raise FileExistsError(f"run directory {run_dir} is not empty; expected a new or empty directory")
-        box.mkdir("logs")
+        box.mkdir(layout.LOGS)
         extra = {"curve": make_run_keys(box, len(ranges))} if opts.curve else {}
-        plan = make_plan(source, ranges, run_id=run_id, model_name=model_name, piece_size=opts.piece_size,
-                         extra=extra)
+        plan = make_plan(source, ranges, run_id=run_id, model_name=model_name, piece_size=opts.piece_size, extra=extra)
     finally:
         source.close()
-    box.write_text("plan.json", plan.dumps())
-    box.write_json("run.json", {**asdict(opts), "order": order, "source_dir": str(source_dir)})
+    box.write_text(layout.PLAN, plan.dumps())
+    box.write_json(layout.RUN_SETTINGS, RunSettings(opts, order, str(source_dir)).to_json())
     return PreparedRun(run_dir, box, plan, order, source_dir)
 
 
-def execute_run(opts: SimulateOptions, run: PreparedRun, console: Console, *,
-                with_baseline: bool = True) -> tuple[int, dict[str, Any] | None]:
+def execute_run(
+    opts: SimulateOptions, run: PreparedRun, console: Console, *, with_baseline: bool = True
+) -> tuple[int, dict[str, Any] | None]:
     """Start the coordinator, record the baseline, launch agents in order; (exit code, results)."""
-    from coordinator.baseline import SourceModel  # torch: imported while the coordinator starts
+    from coordinator.launch.baseline import SourceModel  # torch: imported while the coordinator starts
 
     faults = run_faults(opts, len(run.plan.fragments))
     driver = Driver(opts, run, console, faults)
@@ -121,8 +85,9 @@ def execute_run(opts: SimulateOptions, run: PreparedRun, console: Console, *,
             with console.status("baseline: evaluating the full source model"):
                 base = source_model.record(run.box, opts.prompt, opts.max_new_tokens)
             del source_model
-            console.print(f"baseline ({run.plan.num_layers} layers): {escape(repr(base['text']))} "
-                          f"({base['seconds']:.2f}s)")
+            console.print(
+                f"baseline ({run.plan.num_layers} layers): {escape(repr(base['text']))} ({base['seconds']:.2f}s)"
+            )
         else:
             driver.await_ready()
         with LiveView(console, run.plan) as view:
@@ -132,33 +97,34 @@ def execute_run(opts: SimulateOptions, run: PreparedRun, console: Console, *,
         driver.shutdown()
     if outcome == "coordinator killed":
         console.print(f"[bold red]the coordinator was killed[/]; continue with: fragsim resume {run.run_dir}")
-        return EXIT_COORDINATOR_KILLED, None
+        return RunExit.COORDINATOR_KILLED, None
     code = driver.coordinator_code
-    results_path = run.run_dir / "results.json"
+    results_path = run.run_dir / layout.RESULTS_JSON
     if not results_path.exists():
         console.print(f"[red]the coordinator exited with {code} and wrote no results[/]; see {run.run_dir}/logs/")
-        return EXIT_FAILED, None
+        return RunExit.FAILED, None
     results = json.loads(results_path.read_text())
     results["launcher"] = driver.record()
-    run.box.write_json("launcher.json", results["launcher"])
-    if outcome == "incomplete" or code == EXIT_INCOMPLETE:
-        return EXIT_INCOMPLETE, results
-    return (EXIT_OK if code == 0 and results["final_matches_baseline"] else EXIT_MISMATCH), results
+    run.box.write_json(layout.LAUNCHER_JSON, results["launcher"])
+    if outcome == "incomplete" or code == RunExit.INCOMPLETE:
+        return RunExit.INCOMPLETE, results
+    return (RunExit.OK if code == 0 and results["final_matches_baseline"] else RunExit.MISMATCH), results
 
 
 def resume_run(run_dir: Path, console: Console | None = None, *, respawn: bool = True) -> int:
     """Continue a run whose coordinator died: its sandbox holds everything verified so far."""
     console = console or wide_console()
     box = Sandbox(run_dir)
-    plan = Plan.loads(box.read_bytes("plan.json"))
-    saved = json.loads(box.read_bytes("run.json"))
-    known = {f.name for f in fields(SimulateOptions)}
-    opts = SimulateOptions(**{k: v for k, v in saved.items() if k in known and k != "order"})
+    plan = Plan.loads(box.read_bytes(layout.PLAN))
+    saved = RunSettings.from_json(json.loads(box.read_bytes(layout.RUN_SETTINGS)))
+    opts = saved.options
     opts.kill, opts.kill_random, opts.kill_coordinator, opts.respawn = [], 0, None, respawn
-    if box.exists("results.json") and json.loads(box.read_bytes("results.json")).get("final_matches_baseline"):
+    if box.exists(layout.RESULTS_JSON) and json.loads(box.read_bytes(layout.RESULTS_JSON)).get(
+        "final_matches_baseline"
+    ):
         console.print(f"{run_dir}: already complete and matching the baseline; nothing to resume")
-        return EXIT_OK
-    run = PreparedRun(run_dir.resolve(), box, plan, list(saved["order"]), Path(saved["source_dir"]))
+        return RunExit.OK
+    run = PreparedRun(run_dir.resolve(), box, plan, saved.order, Path(saved.source_dir))
     console.print(f"resuming run [bold]{plan.run_id}[/] in {run.run_dir}")
     code, results = execute_run(opts, run, console, with_baseline=False)
     if results is not None:
@@ -181,12 +147,12 @@ def run_simulation(opts: SimulateOptions, console: Console | None = None) -> int
     started = time.perf_counter()
     run = plan_run(opts, source_dir, model_name)
     console.print(f"run [bold]{run.plan.run_id}[/] in {run.run_dir}")
-    console.print(f"plan: {len(run.plan.fragments)} fragments {', '.join(f.label for f in run.plan.fragments)}, "
-                  f"{run.plan.nbytes / 1e6:.1f} MB, digest {run.plan.digest[:16]}… "
-                  f"({time.perf_counter() - started:.2f}s); launch order {run.order}")
+    console.print(
+        f"plan: {len(run.plan.fragments)} fragments {', '.join(f.label for f in run.plan.fragments)}, "
+        f"{run.plan.nbytes / 1e6:.1f} MB, digest {run.plan.digest[:16]}… "
+        f"({time.perf_counter() - started:.2f}s); launch order {run.order}"
+    )
     code, results = execute_run(opts, run, console)
     if results is not None:
         print_summary(console, results, run.run_dir)
     return code
-
-

@@ -1,0 +1,5 @@
+import sys
+
+from coordinator.launch.cli import main
+
+sys.exit(main())

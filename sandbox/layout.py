@@ -1,0 +1,87 @@
+"""The run directory's layout: every path inside a run comes from here.
+
+artifacts/runs/<run_id>/            one run = one sandbox: the coordinator writes nowhere else
+  plan.json  run.json               the trust anchor; the options the launcher recorded
+  keys/                             per-run CURVE key pairs (secret keys 0600)
+  baseline/                         the full source model's completion, tokens and logits
+  quorum/fragment_KK.partial/       a fragment while its pieces arrive
+  quorum/fragment_KK/               promoted fragments (one atomic rename)
+  quarantine/                       promoted fragments that failed re-verification on resume
+  reassembled/checkpoint_KK/        snapshots stock from_pretrained loads
+  results.json  results.md  launcher.json
+  logs/coordinator.jsonl  logs/agent_KK.jsonl  (+ .stderr)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+PLAN = "plan.json"
+RUN_SETTINGS = "run.json"
+RESULTS_JSON = "results.json"
+RESULTS_MD = "results.md"
+LAUNCHER_JSON = "launcher.json"
+
+BASELINE_DIR = "baseline"
+BASELINE_JSON = f"{BASELINE_DIR}/baseline.json"
+BASELINE_LOGITS = f"{BASELINE_DIR}/logits.safetensors"
+
+KEYS_DIR = "keys"
+QUORUM = "quorum"
+QUARANTINE = "quarantine"
+REASSEMBLED = "reassembled"
+SNAPSHOT_INDEX = "model.safetensors.index.json"
+
+LOGS = "logs"
+COORDINATOR_LOG = f"{LOGS}/coordinator.jsonl"
+COORDINATOR_STDERR = f"{LOGS}/coordinator.stderr"
+
+
+def staging_dir(fragment: int) -> str:
+    return f"{QUORUM}/fragment_{fragment:02d}.partial"
+
+
+def committed_dir(fragment: int) -> str:
+    return f"{QUORUM}/fragment_{fragment:02d}"
+
+
+def quarantine_dir(fragment: int, attempt: int) -> str:
+    return f"{QUARANTINE}/fragment_{fragment:02d}.{attempt}"
+
+
+def snapshot_dir(checkpoint: int) -> str:
+    return f"{REASSEMBLED}/checkpoint_{checkpoint:02d}"
+
+
+def snapshot_weights(fragment: int) -> str:
+    """The name of a fragment's weights inside a snapshot directory."""
+    return f"fragment_{fragment:02d}.safetensors"
+
+
+def agent_log(fragment: int) -> str:
+    return f"{LOGS}/agent_{fragment:02d}.jsonl"
+
+
+def agent_stderr(fragment: int) -> str:
+    return f"{LOGS}/agent_{fragment:02d}.stderr"
+
+
+def key_name(fragment: int | None) -> str:
+    """'coordinator' (fragment None) or 'agent_KK'."""
+    return "coordinator" if fragment is None else f"agent_{fragment:02d}"
+
+
+def public_key(fragment: int | None) -> str:
+    return f"{KEYS_DIR}/{key_name(fragment)}.public"
+
+
+def secret_key(fragment: int | None) -> str:
+    return f"{KEYS_DIR}/{key_name(fragment)}.secret"
+
+
+def read_key_pair(run_dir: Path, fragment: int | None) -> tuple[bytes, bytes]:
+    """(public, secret) Z85 CURVE keys of the coordinator (fragment None) or of one agent."""
+    return (
+        (run_dir / public_key(fragment)).read_bytes().strip(),
+        (run_dir / secret_key(fragment)).read_bytes().strip(),
+    )
