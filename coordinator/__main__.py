@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+import traceback
 
+from protocol.exit_codes import RunExit
 from protocol.run_settings import DEFAULT_BIND
 
 
@@ -18,7 +20,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from coordinator.server import serve
 
-    return serve(args.run_dir, args.bind, args.control_stdin, args.faults, args.quota_bytes)
+    try:
+        return serve(args.run_dir, args.bind, args.control_stdin, args.faults, args.quota_bytes)
+    except Exception:  # a bug, or a run directory it cannot use: its own status, the traceback on stderr
+        traceback.print_exc()
+        return int(RunExit.CRASH)
 
 
 if __name__ == "__main__":

@@ -67,6 +67,12 @@ class ControlChannel:
                 return line
         return None
 
+    def take_all(self, kind: str) -> list[str]:
+        taken = [line for line in self._lines if link.control_kind(line) == kind]
+        for line in taken:
+            self._lines.remove(line)
+        return taken
+
     def wait_for(self, kind: str, timeout: float) -> bool:
         """True once a line of `kind` arrived or the launcher closed the channel."""
         deadline = time.monotonic() + timeout

@@ -64,15 +64,35 @@ def sequence_logits(model: Any, ids: list[int]) -> torch.Tensor:
     return logits
 
 
+LABELS = ("empty", "whitespace collapse", "repetition loop", "coherent", "other")
+COHERENT_MIN_WORDS = 3
+COHERENT_WORDLIKE = 0.8  # share of words that are numbers, or letters with a vowel and at most 20 of them
+COHERENT_PRINTABLE = 0.95  # share of characters that are printable (no control bytes, no U+FFFD)
+
+
 def label_text(text: str, tokens: list[int]) -> str:
-    """One label from the text alone, checked in order of severity."""
+    """One label from the text alone, checked in order of severity; "coherent" only when the
+    text measurably reads as words, and "other" for whatever fits no label."""
     if not text.strip():
         return "empty"
     if _whitespace_collapse(text):
         return "whitespace collapse"
     if _repetition_loop(tokens, text):
         return "repetition loop"
-    return "coherent"
+    if _reads_as_words(text):
+        return "coherent"
+    return "other"
+
+
+def _reads_as_words(text: str) -> bool:
+    printable = sum(1 for c in text if (c.isprintable() or c in "\n\t") and c != "\ufffd")
+    words = re.findall(r"[^\W_]+", text)
+    if len(words) < COHERENT_MIN_WORDS or printable < COHERENT_PRINTABLE * len(text):
+        return False
+    wordlike = sum(
+        1 for w in words if w.isdigit() or (len(w) <= 20 and (not w.isascii() or re.search("[aeiouyAEIOUY]", w)))
+    )
+    return wordlike >= COHERENT_WORDLIKE * len(words)
 
 
 def _whitespace_collapse(text: str) -> bool:

@@ -98,7 +98,8 @@ class CoordinatorServer:
         self.sock = self.ctx.socket(zmq.ROUTER)
         self.curve: CurveGuard | None = None
         self.payloads: dict[tuple[int, int], memoryview] = {}  # the chunk being stepped, for its Write
-        self.pids: dict[str, int] = {}  # peer -> pid of agents this host can see
+        self.pids: dict[str, int] = {}  # peer -> the pid its HELLO claims
+        self.local_pids: set[int] = set()  # pids the launcher started on this host: only these are checked
         self.outcome: Finish | None = None
         self.exit_code = RunExit.FAILED
         self._reported: dict[int, int] = {}
@@ -130,13 +131,27 @@ class CoordinatorServer:
         return str(self.sock.getsockopt_string(zmq.LAST_ENDPOINT))
 
     def restore(self) -> None:
-        """Pick up whatever an earlier coordinator of this run left in the sandbox."""
-        committed = [i for i in range(len(self.plan.fragments)) if self.store.is_committed(i)]
-        for index in committed:
+        """Pick up whatever an earlier coordinator of this run left in the sandbox. The run
+        directory is untrusted here: a promoted fragment that no longer matches the plan is
+        set aside (kept, for a look) and fetched again."""
+        committed = []
+        for index in range(len(self.plan.fragments)):
+            if not self.store.is_committed(index):
+                continue
             bad = self.store.verify_committed(index)
-            if bad:
-                names = [self.plan.fragments[index].items[i].name for i in bad]
-                raise RuntimeError(f"promoted fragment {index} no longer matches the plan digests: {names}")
+            if not bad:
+                committed.append(index)
+                continue
+            names = [self.plan.fragments[index].items[i].name for i in bad]
+            where = self.store.quarantine(index)
+            self.log.warning(
+                E.QUARANTINE,
+                fragment=index,
+                mismatched_items=names,
+                path=where,
+                expected="every item matching its digest in the plan",
+            )
+            self.progress(link.QUARANTINED, fragment=index, items=names, path=where)
         pieces = {str(i): self.store.received_pieces(i) for i in range(len(self.plan.fragments)) if i not in committed}
         pieces = {k: v for k, v in pieces.items() if v}
         if committed or pieces:
@@ -229,6 +244,8 @@ class CoordinatorServer:
 
     def _obey_control(self, poller: zmq.Poller) -> None:
         assert self.control is not None
+        for spawned in self.control.take_all(link.SPAWNED):
+            self.local_pids.add(_spawned_pid(spawned))
         line = self.control.take(link.END)
         if line is not None:
             self.step(EndOfAgents(time.monotonic(), line))
@@ -240,7 +257,9 @@ class CoordinatorServer:
     def _tick(self, now: float) -> None:
         self.step(Tick(now))
         for peer, pid in list(self.pids.items()):
-            if peer in self.core.peers and not _alive(pid):
+            # A pid only means something for a process this launcher started on this host; any
+            # other agent (another host, another launcher) lives by its heartbeats alone.
+            if pid in self.local_pids and peer in self.core.peers and not _alive(pid):
                 self.step(AgentExited(time.monotonic(), pid))
 
     def _report_auth(self) -> None:
@@ -321,9 +340,9 @@ class CoordinatorServer:
                 action, before_evaluation=lambda: self.faults.before_evaluation(self._received())
             )
         elif isinstance(action, AgentDead):
-            self.pids.pop(action.peer, None)
+            pid = self.pids.pop(action.peer, None)
             self.log.warning(E.AGENT_DEAD, peer=action.peer, fragment=action.fragment, reason=action.reason)
-            self.progress(link.DEAD, fragment=action.fragment, reason=action.reason)
+            self.progress(link.DEAD, fragment=action.fragment, pid=pid, reason=action.reason)
         elif isinstance(action, Forget):
             self.pids.pop(action.peer, None)
             self.log.info(E.PEER_FORGET, **action.to_dict())
@@ -403,6 +422,11 @@ def _user_id(frame: zmq.Frame) -> str | None:
     except zmq.ZMQError:
         return None
     return str(value) if value else None
+
+
+def _spawned_pid(line: str) -> int:
+    """The pid of a 'spawned: FRAGMENT PID' control line (the launcher's own: trusted)."""
+    return int(line.split(":", 1)[1].split()[1])
 
 
 def _alive(pid: int) -> bool:

@@ -13,7 +13,7 @@ from blake3 import blake3
 from protocol.messages import want_ranges
 from protocol.plan import WEIGHTS_FILE, Fragment, Plan
 from sandbox import PartialFile, Sandbox
-from sandbox.layout import QUORUM, committed_dir, staging_dir
+from sandbox.layout import QUARANTINE, QUORUM, committed_dir, quarantine_dir, staging_dir
 
 READ_CHUNK = 8 * 1024 * 1024
 
@@ -73,6 +73,15 @@ class FragmentStore:
             handle.close()
         self.box.promote(staging_dir(index), committed_dir(index))
         return committed_dir(index)
+
+    def quarantine(self, index: int) -> str:
+        """Move a promoted fragment that failed re-verification out of the quorum (one rename)."""
+        self.box.mkdir(QUARANTINE)
+        attempt = 1
+        while self.box.exists(quarantine_dir(index, attempt)):
+            attempt += 1
+        self.box.promote(committed_dir(index), quarantine_dir(index, attempt))
+        return quarantine_dir(index, attempt)
 
     def is_committed(self, index: int) -> bool:
         return self.box.exists(committed_dir(index))

@@ -17,7 +17,8 @@ BYTES = "bytes"  # {fragment, received, total}
 COMMITTED = "committed"  # {fragment}
 ARRIVAL = "arrival"  # a fragment was promoted: the arrival row
 CHECKPOINT = "checkpoint"  # a prefix was evaluated: the checkpoint row without tokens
-DEAD = "dead"  # {fragment, reason}
+DEAD = "dead"  # {fragment, pid, reason}
+QUARANTINED = "quarantined"  # a promoted fragment failed re-verification: {fragment, items, path}
 REJECTED = "rejected"  # {peer, reason}
 STORAGE_ERROR = "storage_error"  # {error, action}
 KILL_POINT = "kill_point"  # fault injection: the launcher must kill {target} now
@@ -29,6 +30,7 @@ IDLE = "idle"  # nothing arrived within the wait
 # ---- control kinds (launcher -> coordinator) ----
 KILLED = "killed"  # the target of the last kill point is dead
 END = "end"  # no agent is left to start: finish with what is here
+SPAWNED = "spawned"  # "spawned: FRAGMENT PID": an agent this launcher started on the coordinator's host
 
 
 def progress_line(kind: str, **fields: Any) -> str:

@@ -21,7 +21,7 @@ class RunOptions:
     """Everything a user can choose about one run (`fragsim simulate`'s options)."""
 
     model: str | None = None
-    dtype: str = "float32"
+    dtype: str | None = None  # None: the source's own (float32 for the embedded model)
     fragments: int = DEFAULT_FRAGMENTS
     ranges: str | None = None
     order: str = "random"
@@ -38,11 +38,13 @@ class RunOptions:
     kill_random: int = 0
     respawn: bool = False
     respawn_delay: float = 0.0
+    connect_timeout: float = 30.0  # seconds a started agent has to say HELLO before the launcher ends it
     kill_coordinator: str | None = None
     resume: bool = False
     bind: str = DEFAULT_BIND
     quota_bytes: int | None = None
     curve: bool = True
+    insecure: bool = False  # allow --no-curve on a non-loopback address
 
 
 _OPTION_NAMES = frozenset(f.name for f in fields(RunOptions))

@@ -38,15 +38,48 @@ def parse_header(prefix: bytes) -> tuple[int, dict[str, Any]]:
     (n,) = struct.unpack("<Q", prefix[:8])
     if n > MAX_HEADER or len(prefix) < 8 + n:
         raise PlanError("safetensors header length", n, f"<= {MAX_HEADER} and within the file")
-    header = json.loads(bytes(prefix[8 : 8 + n]))
-    header.pop("__metadata__", None)
+    try:
+        header = json.loads(bytes(prefix[8 : 8 + n]).decode("utf-8"))
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise PlanError("safetensors header", " ".join(str(exc).split()), "a UTF-8 JSON object") from None
+    if not isinstance(header, dict):
+        raise PlanError("safetensors header", f"a JSON {type(header).__name__}", "a JSON object of tensor entries")
+    metadata = header.pop("__metadata__", None)
+    if metadata is not None and not isinstance(metadata, dict):
+        raise PlanError("safetensors __metadata__", f"a JSON {type(metadata).__name__}", "a JSON object")
+    spans: list[tuple[int, int, str]] = []
     for name, info in header.items():
-        if info.get("dtype") not in DTYPE_SIZES:
-            raise PlanError(f"dtype of {name}", info.get("dtype"), f"one of {sorted(DTYPE_SIZES)}")
-        begin, end = info["data_offsets"]
-        if end - begin != tensor_nbytes(info["dtype"], info["shape"]):
+        if not isinstance(info, dict):
+            raise PlanError(f"safetensors entry {name}", f"a JSON {type(info).__name__}", f"an object with {_KEYS}")
+        missing = [key for key in ("dtype", "shape", "data_offsets") if key not in info]
+        if missing:
+            raise PlanError(f"safetensors entry {name}", f"no {', '.join(missing)}", f"an object with {_KEYS}")
+        dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+        if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:
+            raise PlanError(f"dtype of {name}", dtype, f"one of {sorted(DTYPE_SIZES)}")
+        if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
+            raise PlanError(f"shape of {name}", shape, "a list of whole numbers >= 0")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(o) for o in offsets)):
+            raise PlanError(f"data_offsets of {name}", offsets, "[BEGIN, END], whole numbers >= 0")
+        begin, end = offsets
+        if end < begin:
+            raise PlanError(f"data_offsets of {name}", offsets, "BEGIN <= END")
+        if end - begin != tensor_nbytes(dtype, shape):
             raise PlanError(f"byte size of {name}", end - begin, "dtype size x number of elements")
+        spans.append((begin, end, name))
+    previous_end, previous = 0, ""
+    for begin, end, name in sorted(spans):
+        if begin < previous_end:
+            raise PlanError(f"data_offsets of {name}", [begin, end], f"no overlap with {previous}")
+        previous_end, previous = end, name
     return 8 + n, header
+
+
+_KEYS = '"dtype", "shape" and "data_offsets"'
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def tensor_nbytes(dtype: str, shape: list[int]) -> int:

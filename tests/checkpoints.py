@@ -7,10 +7,18 @@ real Hugging Face checkpoint directory in well under a second, with no hub acces
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedModel,
+    PreTrainedTokenizerFast,
+)
 
 PAD_TOKEN = "<|pad|>"
 BOS_TOKEN = "<|bos|>"
@@ -120,6 +128,11 @@ def _tiny_config(
 def _random_model(config: LlamaConfig, seed: int) -> LlamaForCausalLM:
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
+    _redraw_weights(model, seed)
+    return model.eval()
+
+
+def _redraw_weights(model: PreTrainedModel, seed: int) -> None:
     # Re-draw every weight ourselves: the library's init scheme (e.g. zeroed padding
     # rows, unit norms) may change between transformers versions; ours must not.
     generator = torch.Generator().manual_seed(seed)
@@ -130,7 +143,6 @@ def _random_model(config: LlamaConfig, seed: int) -> LlamaForCausalLM:
                 param.copy_(1.0 + 0.1 * torch.randn(param.shape, generator=generator))
             else:
                 param.copy_(INIT_STD * torch.randn(param.shape, generator=generator))
-    return model.eval()
 
 
 def _shard_size(model: LlamaForCausalLM) -> int:
@@ -138,6 +150,64 @@ def _shard_size(model: LlamaForCausalLM) -> int:
     # which cannot be split across shards.
     sizes = [p.numel() * p.element_size() for p in model.parameters()]
     return max(sum(sizes) // 3, max(sizes))
+
+
+# Tiny configs of other Hugging Face architectures, in each config class's own argument names:
+# the supported ones must run end to end, the others must be refused before anything starts.
+_DECODER: dict[str, Any] = {
+    "hidden_size": 64,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "intermediate_size": 128,
+    "max_position_embeddings": 512,
+}
+_TINY_ARCHITECTURES: dict[str, dict[str, Any]] = {
+    "gpt2": {"n_embd": 64, "n_layer": 4, "n_head": 4, "n_inner": 128, "n_positions": 512},
+    "falcon": {"hidden_size": 64, "num_hidden_layers": 4, "num_attention_heads": 4, "max_position_embeddings": 512},
+    "mixtral": {**_DECODER, "num_local_experts": 4, "num_experts_per_tok": 2},
+    "qwen2": {**_DECODER, "tie_word_embeddings": True},
+    "mistral": dict(_DECODER),
+    "qwen3": {**_DECODER, "head_dim": 16},
+    "phi3": {**_DECODER, "original_max_position_embeddings": 512},
+    "gemma2": {**_DECODER, "head_dim": 16, "sliding_window": 8},
+    "gpt_neox": {k: v for k, v in _DECODER.items() if k != "num_key_value_heads"},
+}
+TINY_ARCHITECTURES = tuple(_TINY_ARCHITECTURES)
+
+
+def make_tiny_model(
+    path: Path, model_type: str, *, vocab: int = 384, dtype: str = "float32", seed: int = 0, **overrides: Any
+) -> Path:
+    """Write a deterministic random checkpoint of another architecture (one of TINY_ARCHITECTURES,
+    4 layers, hidden size 64) with transformers' own config and model classes, plus the tokenizer.
+
+    `overrides` replace config arguments. Same arguments give the same files. Returns `path`.
+    """
+    if model_type not in _TINY_ARCHITECTURES:
+        raise ValueError(f"model_type {model_type!r} not supported; expected one of {TINY_ARCHITECTURES}")
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r} not supported; expected one of {sorted(DTYPES)}")
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_tokenizer(vocab)
+    config = AutoConfig.for_model(
+        model_type,
+        **_TINY_ARCHITECTURES[model_type],
+        vocab_size=vocab,
+        initializer_range=INIT_STD,
+        pad_token_id=SPECIAL_TOKENS.index(PAD_TOKEN),
+        bos_token_id=SPECIAL_TOKENS.index(BOS_TOKEN),
+        eos_token_id=SPECIAL_TOKENS.index(EOS_TOKEN),
+        **overrides,
+    )
+    config.dtype = dtype
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config)
+    _redraw_weights(model, seed)
+    model.eval().to(DTYPES[dtype]).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
 
 
 if __name__ == "__main__":  # `python tests/checkpoints.py DIR [LAYERS]`: a tiny model for soaks and demos

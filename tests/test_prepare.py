@@ -3,20 +3,27 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors import safe_open
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from checkpoints import make_tiny_llama
 from coordinator.launch.prepare import (
+    DIGEST_ALGORITHM,
     MARKER_FILE,
     WEIGHTS_FILE,
+    checkpoint_files,
     default_source_dir,
+    gguf_path,
     is_prepared,
     prepare_model_dir,
+    source_digest,
 )
 
 PROMPT = "The capital of France is"
@@ -34,6 +41,25 @@ def stored_keys(out: Path) -> set[str]:
 def stored_metadata(out: Path) -> dict[str, str]:
     with safe_open(str(out / WEIGHTS_FILE), "pt") as f:
         return f.metadata()
+
+
+def read_marker(out: Path) -> dict[str, object]:
+    marker: dict[str, object] = json.loads((out / MARKER_FILE).read_text())
+    return marker
+
+
+def digest_of(src: Path) -> str:
+    return source_digest(checkpoint_files(src), src)
+
+
+def same_tensors(out: Path, src: Path) -> bool:
+    """True when every tensor stored in `out` equals the one of that name in the checkpoint `src`."""
+    source: dict[str, torch.Tensor] = {}
+    for path in checkpoint_files(src)[1:]:
+        if path.suffix == ".safetensors":
+            source.update(load_file(str(path)))
+    stored = load_file(str(out / WEIGHTS_FILE))
+    return stored.keys() <= source.keys() and all(torch.equal(t, source[k]) for k, t in stored.items())
 
 
 def logits(model_dir: Path) -> torch.Tensor:
@@ -72,6 +98,9 @@ def test_marker_and_config(tmp_path: Path) -> None:
     assert marker["dtype"] == "float32"
     assert marker["num_layers"] == 3
     assert marker["source"] == str(src.resolve())
+    assert marker["digest_algorithm"] == DIGEST_ALGORITHM == "blake3"
+    assert marker["source_digest"] == digest_of(src)
+    assert len(marker["source_digest"]) == 64
     assert marker["num_parameters"] == sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(src).parameters())
     assert isinstance(marker["seconds"], float)
     config = json.loads((out / "config.json").read_text())
@@ -104,7 +133,7 @@ def test_dtype_none_keeps_checkpoint_dtype(tmp_path: Path) -> None:
     assert out.name == "tiny-bfloat16"
 
 
-def test_rerun_is_a_noop_unless_forced(tmp_path: Path) -> None:
+def test_same_model_twice_is_a_noop(tmp_path: Path) -> None:
     src = make_tiny_llama(tmp_path / "tiny")
     out = prepare_model_dir(src, tmp_path / "artifacts", log=quiet)
     stamp = (out / MARKER_FILE).stat().st_mtime_ns
@@ -112,12 +141,131 @@ def test_rerun_is_a_noop_unless_forced(tmp_path: Path) -> None:
 
     assert prepare_model_dir(src, tmp_path / "artifacts", log=lines.append) == out
     assert (out / MARKER_FILE).stat().st_mtime_ns == stamp
-    assert any("already prepared" in line for line in lines)
+    assert lines == [f"already prepared: {out} (source blake3 {digest_of(src)[:12]})"]
+
+
+def test_force_rebuilds_the_same_model(tmp_path: Path) -> None:
+    src = make_tiny_llama(tmp_path / "tiny")
+    out = prepare_model_dir(src, tmp_path / "artifacts", log=quiet)
+    stamp = (out / MARKER_FILE).stat().st_mtime_ns
 
     prepare_model_dir(src, tmp_path / "artifacts", force=True, log=quiet)
     assert is_prepared(out)
     assert (out / MARKER_FILE).stat().st_mtime_ns != stamp
     assert [p.name for p in out.parent.iterdir()] == [out.name]
+
+
+def test_same_model_at_another_path_is_a_noop(tmp_path: Path) -> None:
+    # The cache is keyed by content: a copy of the model elsewhere is the same source.
+    src = make_tiny_llama(tmp_path / "a" / "tiny")
+    out = prepare_model_dir(src, tmp_path / "artifacts", log=quiet)
+    stamp = (out / MARKER_FILE).stat().st_mtime_ns
+    copy = shutil.copytree(src, tmp_path / "b" / "tiny")
+    lines: list[str] = []
+
+    assert prepare_model_dir(copy, tmp_path / "artifacts", log=lines.append) == out
+    assert (out / MARKER_FILE).stat().st_mtime_ns == stamp
+    assert any("already prepared" in line for line in lines)
+
+
+def test_touched_mtimes_are_a_noop(tmp_path: Path) -> None:
+    src = make_tiny_llama(tmp_path / "tiny")
+    out = prepare_model_dir(src, tmp_path / "artifacts", log=quiet)
+    stamp = (out / MARKER_FILE).stat().st_mtime_ns
+    for path in src.iterdir():
+        info = path.stat()
+        os.utime(path, ns=(info.st_atime_ns + 10**12, info.st_mtime_ns + 10**12))
+    lines: list[str] = []
+
+    assert prepare_model_dir(src, tmp_path / "artifacts", log=lines.append) == out
+    assert (out / MARKER_FILE).stat().st_mtime_ns == stamp
+    assert any("already prepared" in line for line in lines)
+
+
+@pytest.mark.parametrize("sharded", [False, True], ids=["single", "sharded"])
+def test_other_model_under_same_name_is_rebuilt(tmp_path: Path, sharded: bool) -> None:
+    # The reported bug: /a/tiny and /b/tiny both prepare into tiny-float32.
+    first = make_tiny_llama(tmp_path / "a" / "tiny", seed=0, sharded=sharded)
+    other = make_tiny_llama(tmp_path / "b" / "tiny", seed=1, sharded=sharded)
+    out = prepare_model_dir(first, tmp_path / "artifacts", log=quiet)
+    assert same_tensors(out, first) and not same_tensors(out, other)
+    lines: list[str] = []
+
+    assert prepare_model_dir(other, tmp_path / "artifacts", log=lines.append) == out
+
+    old, new = digest_of(first), digest_of(other)
+    assert old != new
+    rebuilt = [line for line in lines if line.startswith(f"rebuilding {out}: it holds another model")]
+    assert len(rebuilt) == 1 and f"{old[:12]} -> {new[:12]}" in rebuilt[0]
+    assert not any("already prepared" in line for line in lines)
+    assert same_tensors(out, other) and not same_tensors(out, first)
+    marker = read_marker(out)
+    assert marker["source"] == str(other.resolve())
+    assert marker["source_digest"] == new
+    assert torch.equal(logits(other), logits(out))
+    assert [p.name for p in out.parent.iterdir()] == [out.name]
+
+
+def test_marker_without_digest_is_rebuilt(tmp_path: Path) -> None:
+    # A cache from before digests were recorded cannot vouch for its model.
+    src = make_tiny_llama(tmp_path / "tiny")
+    out = prepare_model_dir(src, tmp_path / "artifacts", log=quiet)
+    marker = read_marker(out)
+    del marker["source_digest"], marker["digest_algorithm"]
+    (out / MARKER_FILE).write_text(json.dumps(marker))
+    assert is_prepared(out)
+    lines: list[str] = []
+
+    assert prepare_model_dir(src, tmp_path / "artifacts", log=lines.append) == out
+
+    assert any(
+        line.startswith(f"rebuilding {out}: it holds a cache without a source digest")
+        and f"none -> {digest_of(src)[:12]}" in line
+        for line in lines
+    )
+    assert read_marker(out)["source_digest"] == digest_of(src)
+    assert same_tensors(out, src)
+    assert [p.name for p in out.parent.iterdir()] == [out.name]
+
+
+def test_fingerprint_covers_every_shard(tmp_path: Path) -> None:
+    src = make_tiny_llama(tmp_path / "tiny", sharded=True)
+    files = checkpoint_files(src)
+    shards = sorted(src.glob("model-*.safetensors"))
+    assert files == [src / "config.json", src / "model.safetensors.index.json", *shards]
+    before = digest_of(src)
+    # Flip one byte of tensor data at the very end of the last shard.
+    data = bytearray(shards[-1].read_bytes())
+    data[-1] ^= 0xFF
+    shards[-1].write_bytes(bytes(data))
+    assert digest_of(src) != before
+
+
+def test_fingerprint_covers_pytorch_bin(tmp_path: Path) -> None:
+    src = make_tiny_llama(tmp_path / "tiny")
+    state = load_file(str(src / WEIGHTS_FILE))
+    (src / WEIGHTS_FILE).unlink()
+    torch.save(state, src / "pytorch_model.bin")
+    assert checkpoint_files(src) == [src / "config.json", src / "pytorch_model.bin"]
+    before = digest_of(src)
+    torch.save({k: t + 1 for k, t in state.items()}, src / "pytorch_model.bin")
+    assert digest_of(src) != before
+
+
+def test_fingerprint_covers_config(tmp_path: Path) -> None:
+    src = make_tiny_llama(tmp_path / "tiny")
+    before = digest_of(src)
+    config = json.loads((src / "config.json").read_text())
+    config["rms_norm_eps"] = config["rms_norm_eps"] * 10
+    (src / "config.json").write_text(json.dumps(config))
+    assert digest_of(src) != before
+
+
+def test_checkpoint_without_weights_raises(tmp_path: Path) -> None:
+    src = make_tiny_llama(tmp_path / "tiny")
+    (src / WEIGHTS_FILE).unlink()
+    with pytest.raises(FileNotFoundError, match="has no weights"):
+        prepare_model_dir(src, tmp_path / "artifacts", log=quiet)
 
 
 def test_incomplete_dir_is_not_prepared_and_gets_replaced(tmp_path: Path) -> None:
@@ -178,6 +326,10 @@ def test_prepare_default(default_source: Path) -> None:
     out = default_source
     assert out == default_source_dir(out.parent.parent)
     marker = json.loads((out / MARKER_FILE).read_text())
+    gguf = gguf_path()
+    assert marker["source"] == str(gguf)
+    assert marker["digest_algorithm"] == "blake3"
+    assert marker["source_digest"] == source_digest([gguf], gguf.parent)
     assert marker["num_parameters"] == 134_515_008
     assert marker["num_layers"] == 30
     assert "lm_head.weight" not in stored_keys(out)

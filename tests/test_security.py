@@ -22,6 +22,7 @@ from coordinator.core import Core
 from coordinator.events import Chunk, Hello, Write
 from coordinator.launch.agents import AgentLauncher
 from coordinator.launch.planner import make_plan
+from protocol.exit_codes import RunExit
 from protocol.layers import split_layers
 from protocol.messages import decode_from_coordinator, encode
 from protocol.version import PROTOCOL_VERSION
@@ -237,10 +238,12 @@ def test_disk_full_is_reported_and_loses_nothing_promoted(tiny_model: Path, tmp_
     ):
         pytest.skip("cannot mount a tmpfs here (needs root): the quota test below covers the same path")
     try:
-        result = simulate(tiny_model, disk / "run", fragments=3, order="forward", piece_size=4096)
-    except AssertionError as exc:  # no results.json at all: the disk was too full even for that
-        result = None
-        assert "storage error" in str(exc) or "DiskFull" in str(exc), exc
+        from coordinator.launch.options import SimulateOptions
+        from coordinator.launch.simulate import run_quietly
+
+        opts = SimulateOptions(model=str(tiny_model), run_dir=str(disk / "run"), threads=1, fragments=3,
+                               order="forward", piece_size=4096)  # fmt: skip
+        code, _, _, output = run_quietly(opts, tiny_model)
     finally:
         log = (disk / "run/logs/coordinator.jsonl").read_text()
         promoted = sorted(p.name for p in (disk / "run/quorum").glob("fragment_??"))
@@ -253,8 +256,7 @@ def test_disk_full_is_reported_and_loses_nothing_promoted(tiny_model: Path, tmp_
         subprocess.run(["umount", "-l", str(disk)], check=False)
     assert '"storage.error"' in log and "DiskFullError" in log
     assert all(not items for items in bad.values()), bad
-    if result is not None:
-        assert result.code != 0
+    assert code == RunExit.STORAGE, output
 
 
 def test_quota_exhaustion_stops_cleanly_and_keeps_promoted_fragments(tiny_model: Path, tmp_path: Path) -> None:

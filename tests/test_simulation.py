@@ -97,7 +97,7 @@ def test_results_and_logs_hold_what_the_issue_asks(tiny_model: Path, tmp_path: P
         assert f["received_bytes"] == f["bytes"] and f["transfer_s"] is not None and f["attempts"] == 1
     assert [a["grew"] for a in r["arrivals"]] == [False, True, True]
     for c in r["checkpoints"]:
-        assert c["label"] in ("coherent", "repetition loop", "whitespace collapse", "empty")
+        assert c["label"] in ("coherent", "repetition loop", "whitespace collapse", "empty", "other")
         assert 0 <= c["agree_tokens"] <= len(r["baseline"]["tokens"])
         assert c["generate_s"] > 0
     md = (run_dir / "results.md").read_text()

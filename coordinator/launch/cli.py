@@ -12,20 +12,32 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from protocol.errors import PlanError
+from protocol.exit_codes import RunExit
 from protocol.run_settings import DEFAULT_BIND, RunOptions
+from sandbox import SandboxError
+
+# What bad input raises: the user gets its one-line message and the usage status.
+USER_ERRORS = (PlanError, FileNotFoundError, FileExistsError, NotADirectoryError, SandboxError)
 
 
 def _simulate_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     from coordinator.launch.agents import ORDER_HELP
+    from coordinator.launch.architectures import SUPPORTED_TEXT
 
     d = RunOptions()  # every default comes from the one definition of a run's options
     p = sub.add_parser("simulate", help="run agents and a coordinator end to end")
     p.add_argument(
         "--model",
-        help="a local Hugging Face Llama-family checkpoint dir with safetensors "
+        help=f"a local Hugging Face checkpoint dir with safetensors, model_type one of {SUPPORTED_TEXT} "
         "(default: the embedded SmolLM2-135M-Instruct, prepared once)",
     )
-    p.add_argument("--dtype", default=d.dtype, choices=["float32", "bfloat16"], help="dtype of the default model")
+    p.add_argument(
+        "--dtype",
+        default=d.dtype,
+        choices=["float32", "bfloat16"],
+        help="dtype of the embedded model (default float32); with --model it must be the model's own",
+    )
     group = p.add_mutually_exclusive_group()
     group.add_argument(
         "--fragments",
@@ -57,6 +69,18 @@ def _simulate_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
         dest="curve",
         action="store_false",
         help="no CURVE authentication/encryption (for measuring its cost; loopback only)",
+    )
+    p.add_argument(
+        "--insecure",
+        action="store_true",
+        help="allow --no-curve on a non-loopback --bind (unencrypted, unauthenticated)",
+    )
+    p.add_argument(
+        "--connect-timeout",
+        type=float,
+        default=d.connect_timeout,
+        metavar="SECONDS",
+        help=f"an agent that has not said HELLO this long after it started is ended (default {d.connect_timeout:g})",
     )
     faults = p.add_argument_group("fault injection")
     faults.add_argument(
@@ -90,6 +114,7 @@ def _simulate_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fragsim", description=__doc__)
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an unexpected error")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("prepare", help="convert a model into a safetensors source checkpoint under artifacts/source/")
@@ -117,6 +142,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="artifacts/chaos-soak.json")
     p.add_argument("--runs-dir", default="artifacts/soak-runs")
 
+    p = sub.add_parser("outside-kills", help="SIGKILL from outside at seeded random moments, then resume; JSON")
+    p.add_argument("--model", help="checkpoint dir (default: the embedded SmolLM2, prepared once)")
+    p.add_argument("--runs", type=int, default=200)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-new-tokens", type=int, help="tokens per evaluation (default: the run default)")
+    p.add_argument("--out", default="artifacts/outside-kills.json")
+    p.add_argument("--runs-dir", default="artifacts/outside-kill-runs")
+
     p = sub.add_parser("bench", help="measure real runs; JSON figures")
     p.add_argument("--model", help="checkpoint dir (default: the embedded SmolLM2, prepared once)")
     p.add_argument("--runs", type=int, default=3)
@@ -136,60 +169,88 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--connect", required=True)
 
     args = parser.parse_args(argv)
-    from protocol.errors import PlanError
+    try:
+        return _run(args)
+    except USER_ERRORS as exc:  # bad input: one line, usage status, nothing was created
+        if args.debug:
+            raise
+        print(f"fragsim {args.command}: {_one_line(exc)}", file=sys.stderr)
+        return int(RunExit.USAGE)
+    except KeyboardInterrupt:
+        print(f"fragsim {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # a bug of fragsim's own: its own status, never "did not match"
+        if args.debug:
+            raise
+        print(
+            f"fragsim {args.command}: internal error: {type(exc).__name__}: {_one_line(exc)} "
+            "(run again with --debug for the traceback)",
+            file=sys.stderr,
+        )
+        return int(RunExit.CRASH)
 
-    if args.command in ("prepare", "simulate", "soak", "resume", "bench"):
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.command in ("prepare", "simulate", "soak", "resume", "bench", "outside-kills"):
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()  # our own progress view owns the terminal
 
-    try:
-        if args.command == "prepare":
-            from coordinator.launch.prepare import prepare_default, prepare_model_dir
+    if args.command == "prepare":
+        from coordinator.launch.prepare import prepare_default, prepare_model_dir
 
-            artifacts = Path(args.artifacts)
-            if args.model:
-                out = prepare_model_dir(Path(args.model), artifacts, args.dtype, force=args.force)
-            else:
-                out = prepare_default(artifacts, args.dtype, force=args.force)
-            print(out)
-            return 0
-        if args.command == "simulate":
-            from coordinator.launch.options import SimulateOptions
-            from coordinator.launch.simulate import run_simulation
+        artifacts = Path(args.artifacts)
+        if args.model:
+            out = prepare_model_dir(Path(args.model), artifacts, args.dtype, force=args.force)
+        else:
+            out = prepare_default(artifacts, args.dtype or "float32", force=args.force)
+        print(out)
+        return 0
+    if args.command == "simulate":
+        from coordinator.launch.options import SimulateOptions
+        from coordinator.launch.simulate import run_simulation
 
-            opts = SimulateOptions(**{k: v for k, v in vars(args).items() if k != "command"})
-            return run_simulation(opts)
-        if args.command == "resume":
-            from coordinator.launch.simulate import resume_run
+        opts = SimulateOptions(**{k: v for k, v in vars(args).items() if k not in ("command", "debug")})
+        return run_simulation(opts)
+    if args.command == "resume":
+        from coordinator.launch.simulate import resume_run
 
-            return resume_run(Path(args.run_dir), respawn=not args.no_respawn)
-        if args.command == "replay":
-            return replay_command(args)
-        if args.command == "bench":
-            from coordinator.lab.bench import bench
-            from coordinator.launch.prepare import prepare_default
+        return resume_run(Path(args.run_dir), respawn=not args.no_respawn)
+    if args.command == "replay":
+        return replay_command(args)
+    if args.command == "bench":
+        from coordinator.lab.bench import bench
+        from coordinator.launch.prepare import prepare_default
 
-            model = Path(args.model).resolve() if args.model else prepare_default(Path("artifacts"))
-            bench(model, args.runs, Path(args.out), Path(args.runs_dir))
-            return 0
-        if args.command == "soak":
-            from coordinator.lab.soak import soak
+        model = Path(args.model).resolve() if args.model else prepare_default(Path("artifacts"))
+        bench(model, args.runs, Path(args.out), Path(args.runs_dir))
+        return 0
+    if args.command == "soak":
+        from coordinator.lab.soak import soak
 
-            summary = soak(Path(args.model).resolve(), args.runs, args.seed, Path(args.out), Path(args.runs_dir))
-            return 0 if summary["lost_data"] == 0 and summary["bit_exact"] == summary["runs"] else 1
-        if args.command == "serve":
-            from coordinator.server import serve
+        summary = soak(Path(args.model).resolve(), args.runs, args.seed, Path(args.out), Path(args.runs_dir))
+        return 0 if summary["lost_data"] == 0 and summary["bit_exact"] == summary["runs"] else 1
+    if args.command == "outside-kills":
+        from coordinator.lab.outside_kills import outside_kills
+        from coordinator.launch.prepare import prepare_default
 
-            return serve(args.run_dir, args.bind, args.control_stdin, args.faults, args.quota_bytes)
-        if args.command == "agent":
-            from agents.agent import main_agent
+        model = Path(args.model).resolve() if args.model else prepare_default(Path("artifacts"))
+        summary = outside_kills(model, args.runs, args.seed, Path(args.out), Path(args.runs_dir),
+                                max_new_tokens=args.max_new_tokens)  # fmt: skip
+        return 0 if summary["bit_exact"] == summary["runs"] and not summary["hangs"] + summary["orphans"] else 1
+    if args.command == "serve":
+        from coordinator.server import serve
 
-            return main_agent(args.run_dir, args.fragment, args.connect)
-    except (PlanError, FileNotFoundError, FileExistsError) as exc:
-        print(f"fragsim {args.command}: {exc}", file=sys.stderr)
-        return 2
-    return 2
+        return serve(args.run_dir, args.bind, args.control_stdin, args.faults, args.quota_bytes)
+    if args.command == "agent":
+        from agents.agent import main_agent
+
+        return main_agent(args.run_dir, args.fragment, args.connect)
+    return int(RunExit.USAGE)
 
 
 def replay_command(args: argparse.Namespace) -> int:

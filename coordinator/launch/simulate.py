@@ -15,11 +15,13 @@ from rich.markup import escape
 
 from agents.source import SourceCheckpoint
 from coordinator.launch.agents import launch_order
-from coordinator.launch.driver import Driver, run_faults
+from coordinator.launch.architectures import check_supported
+from coordinator.launch.driver import CoordinatorGone, Driver, run_faults
 from coordinator.launch.keys import make_run_keys
-from coordinator.launch.options import PreparedRun, SimulateOptions
+from coordinator.launch.options import PreparedRun, SimulateOptions, check_dtype, check_options
 from coordinator.launch.planner import make_plan
 from coordinator.launch.terminal import LiveView, print_summary, wide_console
+from protocol.errors import PlanError
 from protocol.exit_codes import RunExit
 from protocol.layers import parse_ranges, split_layers
 from protocol.plan import Plan
@@ -30,12 +32,13 @@ from sandbox import Sandbox, layout
 def resolve_source(opts: SimulateOptions, console: Console) -> tuple[Path, str]:
     from coordinator.launch.prepare import DEFAULT_MODEL_NAME, is_prepared, prepare_default
 
+    check_options(opts)  # before anything, the prepared default model included, is created
     if opts.model:
         path = Path(opts.model).resolve()
         return path, path.name
     artifacts = Path(opts.artifacts)
     with console.status("preparing the source checkpoint (once; cached under artifacts/source/)"):
-        path = prepare_default(artifacts, opts.dtype, log=lambda msg: console.log(msg))
+        path = prepare_default(artifacts, opts.dtype or "float32", log=lambda msg: console.log(msg))
     assert is_prepared(path)
     return path.resolve(), DEFAULT_MODEL_NAME
 
@@ -46,17 +49,18 @@ def new_run_id() -> str:
 
 def plan_run(opts: SimulateOptions, source_dir: Path, model_name: str) -> PreparedRun:
     """Read the source once and write plan.json and run.json: nothing has started yet."""
+    check_options(opts)
     source = SourceCheckpoint(source_dir)
+    check_supported(source)  # an architecture it cannot handle is refused before anything exists
     try:
         num_layers = int(source.config.get("num_hidden_layers", 0))
         ranges = parse_ranges(opts.ranges, num_layers) if opts.ranges else split_layers(num_layers, opts.fragments)
         order = launch_order(opts.order, len(ranges), opts.seed)
         run_faults(opts, len(ranges))
+        opts.dtype = check_dtype(opts.dtype, source, source_dir)
         run_id = new_run_id()
         run_dir = Path(opts.run_dir or Path(opts.artifacts) / "runs" / run_id).resolve()
         box = Sandbox(run_dir, create=True)
-        if box.listdir("."):
-            raise FileExistsError(f"run directory {run_dir} is not empty; expected a new or empty directory")
         box.mkdir(layout.LOGS)
         extra = {"curve": make_run_keys(box, len(ranges))} if opts.curve else {}
         plan = make_plan(source, ranges, run_id=run_id, model_name=model_name, piece_size=opts.piece_size, extra=extra)
@@ -75,6 +79,13 @@ def execute_run(
 
     faults = run_faults(opts, len(run.plan.fragments))
     driver = Driver(opts, run, console, faults)
+    launched = time.time()
+    if not with_baseline and not run.box.exists(layout.BASELINE_JSON):
+        # The run stopped before its launcher recorded the baseline. Record it before the
+        # coordinator starts: a restarted coordinator evaluates restored fragments at once.
+        with console.status("baseline: the run has none yet; recording it first"):
+            base = SourceModel(run.source_dir, opts.threads).record(run.box, opts.prompt, opts.max_new_tokens)
+        console.print(f"baseline ({run.plan.num_layers} layers): {escape(repr(base['text']))} ({base['seconds']:.2f}s)")
     try:
         driver.start_coordinator()
         if with_baseline:
@@ -93,30 +104,47 @@ def execute_run(
         with LiveView(console, run.plan) as view:
             driver.view = view
             outcome = driver.drive()
+    except CoordinatorGone as exc:
+        console.print(f"[red]{escape(str(exc))}[/]; continue with: fragsim resume {run.run_dir}")
+        return RunExit.FAILED, None
     finally:
         driver.shutdown()
-    if outcome == "coordinator killed":
-        console.print(f"[bold red]the coordinator was killed[/]; continue with: fragsim resume {run.run_dir}")
+    if outcome in ("coordinator killed", "coordinator stopped"):
+        console.print(f"[bold red]the {outcome}[/]; continue with: fragsim resume {run.run_dir}")
         return RunExit.COORDINATOR_KILLED, None
     code = driver.coordinator_code
     results_path = run.run_dir / layout.RESULTS_JSON
-    if not results_path.exists():
-        console.print(f"[red]the coordinator exited with {code} and wrote no results[/]; see {run.run_dir}/logs/")
-        return RunExit.FAILED, None
-    results = json.loads(results_path.read_text())
+    if code == RunExit.STORAGE:
+        console.print(
+            f"[red]a storage error stopped the run[/]; promoted fragments are intact, staged pieces kept: "
+            f"free space, then fragsim resume {run.run_dir}"
+        )
+        return RunExit.STORAGE, json.loads(results_path.read_text()) if results_path.exists() else None
+    results = json.loads(results_path.read_text()) if results_path.exists() else None
+    if results is not None and results["run"]["finished"] < launched:
+        results = None  # an earlier coordinator's (a run resumed before): not this one's verdict
+    if results is None:
+        console.print(
+            f"[red]the coordinator exited with {code} and wrote no results[/]; see {run.run_dir}/logs/; "
+            f"continue with: fragsim resume {run.run_dir}"
+        )
+        return (RunExit.CRASH if code == RunExit.CRASH else RunExit.FAILED), None
     results["launcher"] = driver.record()
     run.box.write_json(layout.LAUNCHER_JSON, results["launcher"])
-    if outcome == "incomplete" or code == RunExit.INCOMPLETE:
+    # The verdict is the record's: a coordinator killed after it wrote results.json finished its work.
+    if not results["final"].get("complete"):
         return RunExit.INCOMPLETE, results
-    return (RunExit.OK if code == 0 and results["final_matches_baseline"] else RunExit.MISMATCH), results
+    return (RunExit.OK if results["final_matches_baseline"] else RunExit.MISMATCH), results
 
 
 def resume_run(run_dir: Path, console: Console | None = None, *, respawn: bool = True) -> int:
     """Continue a run whose coordinator died: its sandbox holds everything verified so far."""
     console = console or wide_console()
+    if not (run_dir / layout.PLAN).is_file():
+        raise PlanError("run directory", str(run_dir), f"a directory holding the {layout.PLAN} of a run")
     box = Sandbox(run_dir)
     plan = Plan.loads(box.read_bytes(layout.PLAN))
-    saved = RunSettings.from_json(json.loads(box.read_bytes(layout.RUN_SETTINGS)))
+    saved = _saved_settings(box, plan)
     opts = saved.options
     opts.kill, opts.kill_random, opts.kill_coordinator, opts.respawn = [], 0, None, respawn
     if box.exists(layout.RESULTS_JSON) and json.loads(box.read_bytes(layout.RESULTS_JSON)).get(
@@ -130,6 +158,16 @@ def resume_run(run_dir: Path, console: Console | None = None, *, respawn: bool =
     if results is not None:
         print_summary(console, results, run.run_dir)
     return code
+
+
+def _saved_settings(box: Sandbox, plan: Plan) -> RunSettings:
+    """run.json, or (when the launcher died before writing it) defaults with the plan's source."""
+    if box.exists(layout.RUN_SETTINGS):
+        return RunSettings.from_json(json.loads(box.read_bytes(layout.RUN_SETTINGS)))
+    order = list(range(len(plan.fragments)))
+    saved = RunSettings(SimulateOptions(order="forward"), order, str(plan.model["source_dir"]))
+    box.write_json(layout.RUN_SETTINGS, saved.to_json())
+    return saved
 
 
 def run_quietly(opts: SimulateOptions, model: Path) -> tuple[int, dict[str, Any] | None, PreparedRun, str]:

@@ -12,6 +12,7 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, Trans
 from rich.table import Table
 
 from coordinator.results import CHECKPOINT_HEADERS, checkpoint_rows
+from protocol import link
 
 
 def wide_console() -> Console:
@@ -50,31 +51,36 @@ class LiveView:
 
     def show(self, ev: dict[str, Any]) -> None:
         kind = ev.get("progress")
-        if kind == "hello":
+        if kind == link.HELLO:
             self.bars.start_task(self.tasks[ev["fragment"]])
             self.console.print(f"[cyan]agent {ev['fragment']}[/] connected (pid {ev['pid']}, attempt {ev['attempt']})")
-        elif kind == "bytes":
+        elif kind == link.BYTES:
             self.bars.update(self.tasks[ev["fragment"]], completed=ev["received"])
-        elif kind == "arrival":
+        elif kind == link.ARRIVAL:
             grew = "[green]prefix grew[/]" if ev["grew"] else "prefix unchanged"
             self.console.print(
                 f"arrival {ev['index']}: fragment {ev['fragment']} (layers {ev['fragment_layers']})"
                 f" -> active layers {ev['layers']} {grew}"
             )
-        elif kind == "checkpoint":
+        elif kind == link.CHECKPOINT:
             self.console.print(
                 f"  checkpoint {ev['checkpoint']}: {ev['layers']} layers "
                 + escape(f"[{ev['label']}] {ev['generate_s']:.2f}s {ev['text']!r}")
             )
-        elif kind == "dead":
+        elif kind == link.DEAD:
             self.console.print(f"[red]agent of fragment {ev['fragment']} dead[/]: {ev['reason']}")
-        elif kind == "storage_error":
+        elif kind == link.STORAGE_ERROR:
             self.console.print(
                 "[bold red]storage error[/]: "
                 + escape(ev["error"])
                 + " (promoted fragments are intact; staged pieces are kept for `fragsim resume`)"
             )
-        elif kind == "rejected":
+        elif kind == link.QUARANTINED:
+            self.console.print(
+                f"[bold yellow]fragment {ev['fragment']} set aside[/]: "
+                + escape(f"{', '.join(ev['items'])} no longer match the plan; kept in {ev['path']}, fetching it again")
+            )
+        elif kind == link.REJECTED:
             self.console.print("[yellow]rejected[/] " + escape(ev["reason"]))
 
 
