@@ -5,19 +5,15 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
 from typing import Any
 
 from safetensors.torch import load as load_safetensors_bytes
 
-from coordinator.control import Progress
 from coordinator.evaluate import agreement, divergence, generate, prompt_ids, sequence_logits, set_determinism
-from coordinator.events import Arrival, Reassemble
+from coordinator.events import Reassemble
 from coordinator.live_model import LiveModel
 from coordinator.snapshot import write_snapshot
 from coordinator.store import FragmentStore
-from protocol import link
-from protocol import log_events as E
 from protocol.plan import WEIGHTS_FILE, Plan
 from protocol.run_settings import RunSettings
 from sandbox import Sandbox
@@ -25,11 +21,13 @@ from sandbox.layout import BASELINE_JSON, BASELINE_LOGITS, committed_dir
 
 
 class Reassembler:
-    def __init__(self, box: Sandbox, plan: Plan, settings: RunSettings, log: Any, progress: Progress) -> None:
-        self.box, self.plan, self.settings, self.log, self.progress = box, plan, settings, log, progress
+    """The model side of the coordinator. It runs in the model worker, one job at a time in
+    arrival order; it neither logs nor reports (the loop does, from what it returns)."""
+
+    def __init__(self, box: Sandbox, plan: Plan, settings: RunSettings) -> None:
+        self.box, self.plan, self.settings = box, plan, settings
         set_determinism(settings.threads)
         self.live = LiveModel(plan.model["config"])
-        self.arrivals: list[dict[str, Any]] = []
         self.checkpoints: list[dict[str, Any]] = []
         self._baseline: dict[str, Any] | None = None
 
@@ -43,19 +41,11 @@ class Reassembler:
             self._baseline = data
         return self._baseline
 
-    def record_arrival(self, arrival: Arrival) -> None:
-        ranges = [self.plan.fragments[i].label for i in arrival.prefix]
-        row = {**arrival.to_dict(), "fragment_layers": self.plan.fragments[arrival.fragment].label, "ranges": ranges}
-        row.pop("type")
-        self.arrivals.append(row)
-        self.progress(link.ARRIVAL, **row)
-
-    def reassemble(self, action: Reassemble, before_evaluation: Callable[[], None] | None = None) -> None:
+    def reassemble(self, action: Reassemble) -> dict[str, Any]:
+        """Snapshot, grow the live model to the new prefix and evaluate it: the checkpoint's record."""
         t0 = time.perf_counter()
         rel = write_snapshot(self.box, self.plan, action.checkpoint, action.layers, action.fragments)
         t1 = time.perf_counter()
-        if before_evaluation is not None:
-            before_evaluation()
         if self.live.model is None:
             self.live.start(self.box.resolve(rel), action.layers)
             generate(self.live.model, self.live.tokenizer, self.settings.prompt, 2)  # warm-up, as the baseline had
@@ -89,8 +79,7 @@ class Reassembler:
             "loaded": self.live.loads[-1],
         }
         self.checkpoints.append(record)
-        self.log.info(E.CHECKPOINT_EVALUATED, **record)
-        self.progress(link.CHECKPOINT, **{k: v for k, v in record.items() if k != "tokens"})
+        return record
 
     def final_check(self, store: FragmentStore) -> dict[str, Any]:
         """Every promoted byte re-hashed against the plan, the prompt's logits and the last

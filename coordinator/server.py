@@ -7,6 +7,7 @@ sandbox writes, verification, promotion, reassembly and evaluation.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
@@ -48,6 +49,7 @@ from coordinator.events import (
 )
 from coordinator.results import build_results, write_results
 from coordinator.store import FragmentStore
+from coordinator.workers import Completions, Done, Worker
 from protocol import link
 from protocol import log_events as E
 from protocol.errors import ProtocolError
@@ -102,13 +104,18 @@ class CoordinatorServer:
         self.local_pids: set[int] = set()  # pids the launcher started on this host: only these are checked
         self.outcome: Finish | None = None
         self.exit_code = RunExit.FAILED
+        self.arrivals: list[dict[str, Any]] = []
         self._reported: dict[int, int] = {}
         self._reassembler = Background(self._build_reassembler, "import-torch")
+        # Off the receive loop: read-back verification, and the model (reassembly, evaluation, verdict).
+        self.completions = Completions()
+        self.verifier = Worker("verify", self.completions)
+        self.modeller = Worker("model", self.completions)
 
     def _build_reassembler(self) -> Reassembler:
         from coordinator.reassembly import Reassembler
 
-        reassembler = Reassembler(self.box, self.plan, self.run_settings, self.log, self.progress)
+        reassembler = Reassembler(self.box, self.plan, self.run_settings)
         self.progress(link.WARM)  # torch is loaded: the machine is quiet again (the launcher times its baseline now)
         return reassembler
 
@@ -176,6 +183,7 @@ class CoordinatorServer:
         self.progress(link.READY, endpoint=endpoint, pid=os.getpid())
         poller = zmq.Poller()
         poller.register(self.sock, zmq.POLLIN)
+        poller.register(self.completions.fileno(), zmq.POLLIN)
         if self.control is not None:
             poller.register(self.control.fd, zmq.POLLIN)
         next_tick = next_beat = time.monotonic()
@@ -184,6 +192,9 @@ class CoordinatorServer:
             ready = dict(poller.poll(int(timeout * 1000) + 1))
             if self.sock in ready:
                 self._drain()
+            if self.completions.fileno() in ready and self.outcome is None:
+                for done in self.completions.drain():
+                    self._completed(done)
             if self.control is not None:
                 if self.control.fd in ready:
                     self.control.pump(0)
@@ -198,7 +209,10 @@ class CoordinatorServer:
                     self._send(peer, "HEARTBEAT", {})
                 next_beat = now + self.settings.heartbeat_ms / 1000
         self._report_auth()
+        for worker in (self.verifier, self.modeller):
+            worker.stop(timeout=5.0)  # idle after a normal end; a storage error leaves them to exit with us
         self.store.close()
+        self.completions.close()
         if self.curve is not None:
             self.curve.close()
         self.sock.close()
@@ -318,27 +332,21 @@ class CoordinatorServer:
             )
             self.faults.run_progress(self._received(), self.plan.nbytes)
         elif isinstance(action, Verify):
-            started = time.perf_counter()
-            bad = self.store.verify(action.fragment)
-            self.log.info(
-                E.FRAGMENT_VERIFIED,
-                fragment=action.fragment,
-                ok=not bad,
-                bad_items=bad,
-                seconds=round(time.perf_counter() - started, 6),
-            )
-            self.step(Verified(time.monotonic(), action.fragment, bad))
+            self.verifier.submit("verify", action, functools.partial(self.store.verify, action.fragment))
         elif isinstance(action, Promote):
             path = self.store.promote(action.fragment)
             self.log.info(E.FRAGMENT_PROMOTED, fragment=action.fragment, path=path)
             self.progress(link.COMMITTED, fragment=action.fragment)
         elif isinstance(action, Arrival):
             self.log.info(E.PREFIX_ARRIVAL, **action.to_dict())
-            self.reassembler.record_arrival(action)
+            row = {k: v for k, v in action.to_dict().items() if k != "type"}
+            row.update(fragment_layers=self.plan.fragments[action.fragment].label,
+                       ranges=[self.plan.fragments[i].label for i in action.prefix])  # fmt: skip
+            self.arrivals.append(row)
+            self.progress(link.ARRIVAL, **row)
         elif isinstance(action, Reassemble):
-            self.reassembler.reassemble(
-                action, before_evaluation=lambda: self.faults.before_evaluation(self._received())
-            )
+            self.faults.before_evaluation(self._received())
+            self.modeller.submit("evaluate", action, functools.partial(self._evaluate, action))
         elif isinstance(action, AgentDead):
             pid = self.pids.pop(action.peer, None)
             self.log.warning(E.AGENT_DEAD, peer=action.peer, fragment=action.fragment, reason=action.reason)
@@ -371,23 +379,53 @@ class CoordinatorServer:
         )
         self.faults.agent_progress(fragment, state.received_bytes, total, pid)
 
+    def _evaluate(self, action: Reassemble) -> dict[str, Any]:
+        return self.reassembler.reassemble(action)
+
     def _finish(self, action: Finish) -> None:
+        """The verdict waits for every queued evaluation: it is the model worker's last job."""
+
+        def verdict() -> dict[str, Any]:
+            final: dict[str, Any] = {
+                "complete": action.complete,
+                "missing": action.missing,
+                "missing_ranges": [self.plan.fragments[i].label for i in action.missing],
+            }
+            if action.complete:
+                final.update(self.reassembler.final_check(self.store))
+            return final
+
+        self.modeller.submit("finish", action, verdict)
+
+    def _completed(self, done: Done) -> None:
+        """A worker finished a job: log it and feed its outcome to the core, in this thread."""
+        if isinstance(done.error, SandboxError):
+            self._storage_failure(done.key, done.error)
+            return
+        if done.error is not None:
+            raise RuntimeError(f"the {done.tag} job for {done.key} failed") from done.error
+        if done.tag == "verify":
+            fragment, bad = done.key.fragment, done.value
+            self.log.info(E.FRAGMENT_VERIFIED, fragment=fragment, ok=not bad, bad_items=bad,
+                          seconds=round(done.seconds, 6))  # fmt: skip
+            self.step(Verified(time.monotonic(), fragment, bad))
+        elif done.tag == "evaluate":
+            record = done.value
+            self.log.info(E.CHECKPOINT_EVALUATED, **record, started_mono=round(done.started, 6))
+            self.progress(link.CHECKPOINT, **{k: v for k, v in record.items() if k != "tokens"})
+        elif done.tag == "finish":
+            self._conclude(done.key, done.value)
+
+    def _conclude(self, action: Finish, final: dict[str, Any]) -> None:
         self.outcome = action
         reassembler = self.reassembler
-        final: dict[str, Any] = {
-            "complete": action.complete,
-            "missing": action.missing,
-            "missing_ranges": [self.plan.fragments[i].label for i in action.missing],
-        }
-        if action.complete:
-            final.update(reassembler.final_check(self.store))
         results = build_results(
             self.plan,
             self.run_settings,
             started=self.started,
             baseline=reassembler.baseline,
             fragments=self.core.fragment_stats(),
-            arrivals=reassembler.arrivals,
+            arrivals=self.arrivals,
             checkpoints=reassembler.checkpoints,
             final=final,
         )

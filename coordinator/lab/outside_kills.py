@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import signal
 import statistics
 import subprocess
@@ -34,6 +35,7 @@ from sandbox import layout
 
 RUN_LIMIT_S = 600.0  # one launch or resume past this is a hang (recorded, then the tree is killed)
 MAX_RESUMES = 4
+MAX_ATTEMPTS = 4  # runs that end before their kill moment, retried with the moment halved
 
 
 def _fragsim(args: list[str], log: Path) -> subprocess.Popen[bytes]:
@@ -108,6 +110,27 @@ def _leftovers(run_dir: Path) -> list[str]:
     return sorted(str(p.relative_to(run_dir)) for p in run_dir.rglob("*.partial"))
 
 
+def _kill_at(
+    proc: subprocess.Popen[bytes], begun: float, delay: float, target: str, rng: random.Random
+) -> dict[str, Any] | None:
+    """SIGKILL the target (or, if none of that kind is alive then, any live process of the run) `delay` s in."""
+    while proc.poll() is None and time.monotonic() < begun + delay:
+        time.sleep(0.005)
+    if proc.poll() is not None:
+        return None
+    victims = _victims(proc)
+    pool = victims[target] or victims["agent"] or victims["coordinator"]
+    if not pool:
+        return None
+    victim = rng.choice(pool)
+    try:
+        os.kill(victim.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        return None
+    role = "coordinator" if victim in victims["coordinator"] else "agent"
+    return {"target": role, "pid": victim.pid, "at_s": round(time.monotonic() - begun, 3)}
+
+
 def outside_kill_run(
     model: Path, root: Path, index: int, seed: int, window_s: float, extra: list[str]
 ) -> dict[str, Any]:
@@ -124,21 +147,19 @@ def outside_kill_run(
     delay = round(rng.uniform(0.0, window_s), 3)
     log = root / f"run_{index:03d}.log"
     started = time.monotonic()
-    proc = _fragsim(args, log)
-    killed: dict[str, Any] | None = None
-    while proc.poll() is None and time.monotonic() - started < delay:
-        time.sleep(0.005)
-    if proc.poll() is None:
-        victims = _victims(proc)
-        pool = victims[target] or victims["agent"] or victims["coordinator"]
-        if pool:
-            victim = rng.choice(pool)
-            role = "coordinator" if victim in victims["coordinator"] else "agent"
-            try:
-                os.kill(victim.pid, signal.SIGKILL)
-                killed = {"target": role, "pid": victim.pid, "at_s": round(time.monotonic() - started, 3)}
-            except ProcessLookupError:
-                killed = None
+    # A run that ends before its kill moment is run again from scratch with the moment
+    # halved, so every run is killed at a seeded moment within its own life.
+    for attempt in range(1, MAX_ATTEMPTS + 1):
+        shutil.rmtree(run_dir, ignore_errors=True)
+        begun = time.monotonic()
+        proc = _fragsim(args, log)
+        killed = _kill_at(proc, begun, delay, target, rng)
+        if killed is not None or attempt == MAX_ATTEMPTS:
+            break
+        _wait(proc)
+        delay = round(delay / 2, 3)
+    if killed is not None:
+        killed["attempt"] = attempt
     codes = [_wait(proc)]
     resumes = 0
     while codes[-1] not in (RunExit.OK, None) and resumes < MAX_RESUMES and (run_dir / layout.PLAN).exists():
