@@ -116,11 +116,15 @@ def _kill_at(
     """SIGKILL the target (or, if none of that kind is alive then, any live process of the run) `delay` s in."""
     while proc.poll() is None and time.monotonic() < begun + delay:
         time.sleep(0.005)
-    if proc.poll() is not None:
-        return None
-    victims = _victims(proc)
-    pool = victims[target] or victims["agent"] or victims["coordinator"]
-    if not pool:
+    # Before the launcher has started anything there is nothing to kill: the first moment at or
+    # after `delay` at which one of the run's processes is alive.
+    while proc.poll() is None:
+        victims = _victims(proc)
+        pool = victims[target] or victims["agent"] or victims["coordinator"]
+        if pool:
+            break
+        time.sleep(0.005)
+    else:
         return None
     victim = rng.choice(pool)
     try:
