@@ -155,6 +155,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--out", default="artifacts/bench.json")
     p.add_argument("--runs-dir", default="artifacts/bench-runs")
+    p.add_argument(
+        "--no-stages",
+        dest="stages",
+        action="store_false",
+        help="skip the stages: each stage against its own ceiling (raw zmq, BLAKE3, fsync, in-process floor, ...)",
+    )
+    p.add_argument(
+        "--fragments-curve",
+        metavar="N,N,...",
+        help="also run forward with each number of fragments (e.g. 1,2,4,8,15,30): run time and per-fragment overhead",
+    )
+    p.add_argument(
+        "--quality-fragments", type=int, default=10, help="fragments of the quality-vs-depth run (0: skip it)"
+    )
+    p.add_argument("--no-parallel", dest="parallel", action="store_false", help="skip the all-agents-at-once run")
+    p.add_argument("--max-new-tokens", type=int, help="tokens per evaluation (default: the run default)")
+    p.add_argument("--threads", type=int, help="torch threads (default: the run default)")
+    p.add_argument("--ceiling-repeats", type=int, default=3, help="repeats of each ceiling; the best counts")
 
     p = sub.add_parser("serve", help="run the coordinator for an existing run directory (started by simulate)")
     p.add_argument("--run-dir", required=True)
@@ -223,12 +241,16 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "replay":
         return replay_command(args)
     if args.command == "bench":
-        from coordinator.lab.bench import bench
+        from coordinator.lab.bench import bench, parse_counts
         from coordinator.launch.prepare import prepare_default
 
+        counts = parse_counts(args.fragments_curve) if args.fragments_curve else None  # checked before any run
         model = Path(args.model).resolve() if args.model else prepare_default(Path("artifacts"))
-        bench(model, args.runs, Path(args.out), Path(args.runs_dir))
-        return 0
+        summary = bench(model, args.runs, Path(args.out), Path(args.runs_dir), stages=args.stages,
+                        fragments_curve=counts, quality_fragments=args.quality_fragments, parallel=args.parallel,
+                        max_new_tokens=args.max_new_tokens, threads=args.threads,
+                        ceiling_repeats=args.ceiling_repeats)  # fmt: skip
+        return 0 if summary["final_matches_baseline"] else 1
     if args.command == "soak":
         from coordinator.lab.soak import soak
 
