@@ -90,10 +90,13 @@ class Agent:
         self.sent_bytes = 0
         self.sent_pieces = 0
 
-    def _payload(self, item_index: int, piece: int) -> memoryview:
+    def _span(self, item_index: int, piece: int) -> tuple[str, int, int]:
         item = self.fragment.items[item_index]
         start, length = item.piece_span(piece, self.plan.piece_size)
-        return self.source.view(item.source_file, item.source_offset + start, length)
+        return item.source_file, item.source_offset + start, length
+
+    def _payload(self, item_index: int, piece: int) -> memoryview:
+        return self.source.view(*self._span(item_index, piece))
 
     def run(self) -> int:
         ctx: zmq.Context[Any] = zmq.Context.instance()
@@ -133,6 +136,9 @@ class Agent:
             return welcome
         queue: deque[tuple[int, int]] = deque(expand_want(welcome.header["want"]))
         credit = welcome.header["credit"]
+        # The coordinator sets the beat: its dead-after rule counts missed beats of its own length.
+        self.heartbeat_s = welcome.header["heartbeat_ms"] / 1000
+        in_flight: deque[tuple[int, int]] = deque()  # sent, not yet paid for by a CREDIT
         self.log.info(E.AGENT_WELCOME, pieces_wanted=len(queue), pieces_total=f.num_pieces, credit=credit)
         started = last_send = last_recv = time.monotonic()
         while True:
@@ -141,6 +147,7 @@ class Agent:
                 payload = self._payload(item, piece)
                 sock.send_multipart(encode("CHUNK", {"item": item, "piece": piece}, payload), copy=False)
                 credit -= 1
+                in_flight.append((item, piece))
                 self.sent_bytes += payload.nbytes
                 self.sent_pieces += 1
                 last_send = time.monotonic()
@@ -155,6 +162,10 @@ class Agent:
                     last_recv = time.monotonic()
                     if msg.kind == "CREDIT":
                         credit += msg.header["n"]
+                        # Credit comes back only for pieces the coordinator has read, so zmq
+                        # is done with the oldest ones: their pages can go.
+                        for _ in range(min(msg.header["n"], len(in_flight))):
+                            self.source.release(*self._span(*in_flight.popleft()))
                     elif msg.kind == "WANT":
                         again = expand_want(msg.header["want"])
                         queue.extend(again)

@@ -103,6 +103,17 @@ class SourceCheckpoint:
             raise ValueError(f"{file}: bytes {offset}..{offset + nbytes} outside the file of {len(mapping)} bytes")
         return memoryview(mapping)[offset : offset + nbytes]
 
+    def release(self, file: str, offset: int, nbytes: int) -> None:
+        """Drop this process's pages of bytes already delivered. The mapping is read-only and
+        file-backed, so the page cache keeps them and a later read faults them back in; without
+        this, every page streamed stays resident and counts as the agent's private memory."""
+        mapping = self._maps.get(file)
+        if mapping is None or nbytes <= 0:
+            return
+        start = offset - offset % mmap.PAGESIZE
+        end = min(len(mapping), offset + nbytes)
+        mapping.madvise(mmap.MADV_DONTNEED, start, end - start)
+
     def close(self) -> None:
         for mapping in self._maps.values():
             if mapping is not None:

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import sys
 import traceback
 
-from protocol.exit_codes import RunExit
+from protocol.exit_codes import RunExit, exit_process
 from protocol.run_settings import DEFAULT_BIND
 
 
@@ -28,4 +27,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

@@ -38,6 +38,7 @@ from coordinator.events import (
 )
 from protocol.messages import want_ranges
 from protocol.plan import Plan
+from protocol.run_settings import DEFAULT_DEAD_AFTER_S, DEFAULT_HEARTBEAT_MS
 from protocol.version import PROTOCOL_VERSION
 
 WAITING, LIVE, VERIFYING, COMMITTED = "waiting", "live", "verifying", "committed"
@@ -46,8 +47,8 @@ WAITING, LIVE, VERIFYING, COMMITTED = "waiting", "live", "verifying", "committed
 @dataclass(frozen=True)
 class CoreSettings:
     credit: int = 4  # pieces in flight per agent (ZeroMQ Guide ch. 7 credit-based flow control)
-    heartbeat_ms: int = 500
-    dead_after_s: float = 3.0  # a few missed heartbeats (Paranoid Pirate)
+    heartbeat_ms: int = DEFAULT_HEARTBEAT_MS
+    dead_after_s: float = DEFAULT_DEAD_AFTER_S  # several missed heartbeats (Paranoid Pirate)
     max_strikes: int = 16  # rejected messages before a peer is banned
 
 
@@ -112,6 +113,13 @@ class Core:
 
     def handle(self, event: Event) -> list[Action]:
         if self.finished:
+            # Nothing is decided after the verdict, but a peer that leaves while the final
+            # checkpoint is evaluated must still be forgotten: it is no longer heartbeaten or polled.
+            if isinstance(event, Bye):
+                self.peers.pop(event.peer, None)
+            elif isinstance(event, AgentExited):
+                for name in [n for n, p in self.peers.items() if p.pid == event.pid]:
+                    del self.peers[name]
             return []
         handler: Callable[[Event], list[Action]] = getattr(self, "_on_" + event.type)
         return handler(event)

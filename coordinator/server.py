@@ -88,7 +88,9 @@ class CoordinatorServer:
         self.log = open_event_log(
             self.box.open_log(layout.COORDINATOR_LOG), run_id=self.plan.run_id, role="coordinator"
         )
-        self.settings = settings or CoreSettings()
+        self.settings = settings or CoreSettings(
+            heartbeat_ms=self.run_settings.options.heartbeat_ms, dead_after_s=self.run_settings.options.dead_after
+        )
         self.core = Core(self.plan, self.settings)
         self.store = FragmentStore(self.box, self.plan)
         self.progress = progress or Progress()

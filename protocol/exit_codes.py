@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import sys
 from enum import IntEnum
+from typing import NoReturn
 
 
 class RunExit(IntEnum):
@@ -26,3 +29,15 @@ class AgentExit(IntEnum):
     NO_WELCOME = 3  # the coordinator never answered HELLO
     REJECTED = 4  # the coordinator refused this agent for good
     COORDINATOR_LOST = 5  # the coordinator went silent mid-transfer
+
+
+def exit_process(code: int) -> NoReturn:
+    """End a process whose work is done: its logs are line-buffered and its records closed
+    files, so only stdio is left to flush. Skipping the interpreter's teardown saves the
+    ~1.4 s that unloading torch's runtime takes after a run."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe or stream: nothing left to say on it
+            pass
+    os._exit(code)

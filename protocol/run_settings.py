@@ -14,6 +14,11 @@ DEFAULT_MAX_NEW_TOKENS = 24
 DEFAULT_THREADS = 2
 DEFAULT_FRAGMENTS = 4
 DEFAULT_BIND = "tcp://127.0.0.1:0"  # loopback, a free port: another address only when asked
+# Liveness (the ZeroMQ Guide's Paranoid Pirate): the coordinator beats every HEARTBEAT_MS and
+# tells agents to beat as often; a peer silent for DEAD_AFTER_S is dead. 3 s is six missed
+# beats: a loaded 2-core machine can stall a process for over a second without it being gone.
+DEFAULT_HEARTBEAT_MS = 500
+DEFAULT_DEAD_AFTER_S = 3.0
 
 
 @dataclass
@@ -39,6 +44,8 @@ class RunOptions:
     respawn: bool = False
     respawn_delay: float = 0.0
     connect_timeout: float = 30.0  # seconds a started agent has to say HELLO before the launcher ends it
+    heartbeat_ms: int = DEFAULT_HEARTBEAT_MS
+    dead_after: float = DEFAULT_DEAD_AFTER_S
     kill_coordinator: str | None = None
     resume: bool = False
     bind: str = DEFAULT_BIND
@@ -85,7 +92,13 @@ class RunSettings:
             raise PlanError("run.json source_dir", source_dir, "the source checkpoint's path")
         options = RunOptions(**{k: v for k, v in data.items() if k in _OPTION_NAMES and k != "order"})
         options.order = ",".join(str(i) for i in order)  # the resolved order is an explicit spec
-        for name, typ in (("prompt", str), ("max_new_tokens", int), ("threads", int)):
+        for name, typ in (
+            ("prompt", str),
+            ("max_new_tokens", int),
+            ("threads", int),
+            ("heartbeat_ms", int),
+            ("dead_after", float),
+        ):
             if not isinstance(getattr(options, name), typ):
                 raise PlanError(f"run.json {name}", getattr(options, name), f"a {typ.__name__}")
         return cls(options, list(order), source_dir)

@@ -217,6 +217,17 @@ def test_garbage_sender_is_banned_after_repeated_rejections(plans: dict[int, Pla
     assert out[2][0].type == "ban" and out[3] == []
 
 
+def test_peer_that_leaves_after_the_verdict_is_forgotten(plans: dict[int, Plan]) -> None:
+    plan = plans[3]
+    core = Core(plan)
+    for index, peer in enumerate("abc"):
+        out = stream_all(core, plan, index, peer)
+    assert any(isinstance(a, Finish) for a in out) and core.finished
+    assert core.handle(Bye(1.0, "a")) == [] and "a" not in core.peers
+    assert core.handle(AgentExited(1.0, 1001)) == [] and "b" not in core.peers
+    assert core.handle(Tick(99.0)) == [] and set(core.peers) == {"c"}
+
+
 def test_end_of_agents_finishes_incomplete(plans: dict[int, Plan]) -> None:
     plan = plans[3]
     core = Core(plan)

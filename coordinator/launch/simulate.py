@@ -75,12 +75,12 @@ def execute_run(
     opts: SimulateOptions, run: PreparedRun, console: Console, *, with_baseline: bool = True
 ) -> tuple[int, dict[str, Any] | None]:
     """Start the coordinator, record the baseline, launch agents in order; (exit code, results)."""
-    from coordinator.launch.baseline import SourceModel  # torch: imported while the coordinator starts
-
     faults = run_faults(opts, len(run.plan.fragments))
     driver = Driver(opts, run, console, faults)
     launched = time.time()
     if not with_baseline and not run.box.exists(layout.BASELINE_JSON):
+        from coordinator.launch.baseline import SourceModel
+
         # The run stopped before its launcher recorded the baseline. Record it before the
         # coordinator starts: a restarted coordinator evaluates restored fragments at once.
         with console.status("baseline: the run has none yet; recording it first"):
@@ -90,6 +90,10 @@ def execute_run(
         driver.start_coordinator()
         if with_baseline:
             with console.status("baseline: loading the full source model"):
+                # torch and transformers are imported here, after the coordinator was started:
+                # the two processes import them side by side on separate cores.
+                from coordinator.launch.baseline import SourceModel
+
                 source_model = SourceModel(run.source_dir, opts.threads)
                 driver.await_ready()
                 driver.await_warm()
