@@ -42,6 +42,7 @@ from blake3 import blake3
 from protocol import link
 from protocol import log_events as E
 from protocol.plan import DEFAULT_PIECE_SIZE
+from protocol.run_settings import DEFAULT_DEAD_AFTER_S, DEFAULT_HEARTBEAT_MS
 from sandbox import layout
 
 CREDIT_PIECES = 4  # the credit window of a real run (coordinator.core.CoreSettings.credit)
@@ -559,6 +560,8 @@ class _Session:
         max_new_tokens: int,
         threads: int,
         curve: bool = True,
+        heartbeat_ms: int = DEFAULT_HEARTBEAT_MS,
+        dead_after: float = DEFAULT_DEAD_AFTER_S,
     ) -> None:
         from coordinator.launch.agents import AgentLauncher
         from coordinator.launch.baseline import SourceModel
@@ -574,6 +577,8 @@ class _Session:
             max_new_tokens=max_new_tokens,
             threads=threads,
             curve=curve,
+            heartbeat_ms=heartbeat_ms,
+            dead_after=dead_after,
         )
         self.run = plan_run(opts, model, model.name)
         SourceModel(model, threads).record(self.run.box, opts.prompt, opts.max_new_tokens)
@@ -763,8 +768,8 @@ def agent_profile(
 
 def heartbeat_settings(coordinator_log: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """The liveness settings: the coordinator's (from its process.start line when given, else the
-    defaults), the server's pid/deadline tick and the agent's heartbeat interval."""
-    from agents.agent import HEARTBEAT_S
+    defaults), the server's pid/deadline tick and the agent's heartbeat interval (the
+    coordinator's own: WELCOME carries it)."""
     from coordinator.core import CoreSettings
 
     settings = dict(CoreSettings().__dict__)
@@ -781,7 +786,7 @@ def heartbeat_settings(coordinator_log: list[dict[str, Any]] | None = None) -> d
         "heartbeat_ms": settings.get("heartbeat_ms"),
         "dead_after_s": settings.get("dead_after_s"),
         "tick_s": tick,
-        "agent_heartbeat_s": HEARTBEAT_S,
+        "agent_heartbeat_s": settings["heartbeat_ms"] / 1000 if settings.get("heartbeat_ms") else None,
     }
 
 
@@ -793,6 +798,8 @@ def detection_latency(
     max_new_tokens: int = 24,
     threads: int = 2,
     timeout_s: float = 60.0,
+    heartbeat_ms: int = DEFAULT_HEARTBEAT_MS,
+    dead_after: float = DEFAULT_DEAD_AFTER_S,
 ) -> dict[str, Any]:
     """Dead-agent detection on loopback, against a real coordinator (3 fragments, CURVE on):
     fragment 1's agent is SIGSTOPped once `fraction` of its bytes arrived (it still exists:
@@ -801,7 +808,16 @@ def detection_latency(
     coordinator's `agent.dead` log line (`mono`, the same clock) and to the launcher's receipt
     of the `dead` progress line. Nothing else runs meanwhile (fragment 0 is never started)."""
     faults = {"kills": [[1, fraction], [2, fraction]], "kill_coordinator": None}
-    session = _Session(model, run_dir, fragments=3, faults=faults, max_new_tokens=max_new_tokens, threads=threads)
+    session = _Session(
+        model,
+        run_dir,
+        fragments=3,
+        faults=faults,
+        max_new_tokens=max_new_tokens,
+        threads=threads,
+        heartbeat_ms=heartbeat_ms,
+        dead_after=dead_after,
+    )
     cases: dict[str, dict[str, Any]] = {}
     try:
         for fragment, name, sig in ((1, "hung_sigstop", signal.SIGSTOP), (2, "dead_sigkill", signal.SIGKILL)):

@@ -192,7 +192,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-parallel", dest="parallel", action="store_false", help="skip the all-agents-at-once run")
     p.add_argument("--max-new-tokens", type=int, help="tokens per evaluation (default: the run default)")
     p.add_argument("--threads", type=int, help="torch threads (default: the run default)")
-    p.add_argument("--ceiling-repeats", type=int, default=3, help="repeats of each ceiling; the best counts")
+    p.add_argument(
+        "--ceiling-repeats",
+        type=int,
+        default=3,
+        help="repeats of each ceiling (the best counts) and of the warm run and its floor (the median counts)",
+    )
 
     p = sub.add_parser("serve", help="run the coordinator for an existing run directory (started by simulate)")
     p.add_argument("--run-dir", required=True)
