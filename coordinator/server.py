@@ -49,7 +49,7 @@ from coordinator.events import (
 )
 from coordinator.results import build_results, write_results
 from coordinator.store import FragmentStore
-from coordinator.workers import Completions, Done, Worker
+from coordinator.workers import MODEL_NICENESS, Completions, Done, Worker, lower_priority
 from protocol import link
 from protocol import log_events as E
 from protocol.errors import ProtocolError
@@ -112,9 +112,10 @@ class CoordinatorServer:
         # Off the receive loop: read-back verification, and the model (reassembly, evaluation, verdict).
         self.completions = Completions()
         self.verifier = Worker("verify", self.completions)
-        self.modeller = Worker("model", self.completions)
+        self.modeller = Worker("model", self.completions, niceness=MODEL_NICENESS)
 
     def _build_reassembler(self) -> Reassembler:
+        lower_priority(MODEL_NICENESS)  # this thread imports torch: the first agents stream meanwhile
         from coordinator.reassembly import Reassembler
 
         reassembler = Reassembler(self.box, self.plan, self.run_settings)

@@ -63,11 +63,28 @@ class Completions:
         os.close(self._write)
 
 
-class Worker:
-    """One thread running jobs in submission order."""
+# Niceness of the threads that import torch and evaluate checkpoints. On a 2-core machine
+# torch's two intra-op threads would otherwise take both cores from the receive path while the
+# next fragment streams; evaluation waits for nobody, so it yields. The threads OpenMP starts
+# from a niced thread inherit its niceness.
+MODEL_NICENESS = 10
 
-    def __init__(self, name: str, completions: Completions) -> None:
+
+def lower_priority(niceness: int) -> None:
+    """Raise the calling thread's nice value (Linux: a thread is its own scheduling entity)."""
+    if niceness and hasattr(os, "setpriority"):
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), niceness)
+        except OSError:  # not permitted here: the thread keeps the process's priority
+            pass
+
+
+class Worker:
+    """One thread running jobs in submission order, at `niceness` above the process's."""
+
+    def __init__(self, name: str, completions: Completions, niceness: int = 0) -> None:
         self.name = name
+        self.niceness = niceness
         self.completions = completions
         self.pending = 0  # submitted and not yet finished (read and written by the loop's thread only)
         self._jobs: queue.SimpleQueue[tuple[str, Any, Callable[[], Any]] | None] = queue.SimpleQueue()
@@ -79,6 +96,7 @@ class Worker:
         self._jobs.put((tag, key, job))
 
     def _run(self) -> None:
+        lower_priority(self.niceness)
         while True:
             item = self._jobs.get()
             if item is None:
