@@ -150,6 +150,7 @@ class Driver:
         self.asked_to_end = False
         self.early: list[dict[str, Any]] = []
         self.peak_rss: dict[str, int] = {}
+        self.peak_unshared: dict[str, int] = {}
         self._next_sample = 0.0
 
     # ---- processes -------------------------------------------------------------------
@@ -336,7 +337,9 @@ class Driver:
                 self.asked_to_end = True
 
     def _sample_memory(self) -> None:
-        """Peak resident memory of the coordinator and of each agent, sampled every 50 ms."""
+        """Peak resident memory of the coordinator and of each agent, sampled every 50 ms, and
+        the peak of what is not file-backed (RSS - shared): the coordinator maps the model's
+        safetensors files, so its RSS counts the page cache that holds them."""
         now = time.monotonic()
         if now < self._next_sample or self.launcher is None or self.coordinator is None:
             return
@@ -345,10 +348,12 @@ class Driver:
         targets.update({f"agent_{f:02d}": p for f, p in self.launcher.procs.items()})
         for name, proc in targets.items():
             try:
-                rss = psutil.Process(proc.pid).memory_info().rss
+                info = psutil.Process(proc.pid).memory_info()
             except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
                 continue
-            self.peak_rss[name] = max(self.peak_rss.get(name, 0), rss)
+            self.peak_rss[name] = max(self.peak_rss.get(name, 0), info.rss)
+            unshared = info.rss - getattr(info, "shared", 0)
+            self.peak_unshared[name] = max(self.peak_unshared.get(name, 0), unshared)
 
     def _notice_hung(self, now: float) -> None:
         assert self.launcher is not None
@@ -419,6 +424,7 @@ class Driver:
             "resumes": self.resumes,
             "agent_attempts": dict(self.launcher.attempts),
             "peak_rss_mb": {k: round(v / 1e6, 1) for k, v in sorted(self.peak_rss.items())},
+            "peak_unshared_mb": {k: round(v / 1e6, 1) for k, v in sorted(self.peak_unshared.items())},
             "agent_memory_limit_mb": round(self.launcher.memory_limit / 1e6),
             "faults": {
                 "kills": [list(k) for k in self.coordinator_faults["kills"]] + [[f, START] for f in self.start_kills]
