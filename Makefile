@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: venv prepare simulate chaos chaos-soak replay bench lint test test-fast clean-runs
+.PHONY: venv prepare simulate chaos chaos-soak replay bench ablate sweep lint test test-fast clean-runs
 
 # The documented fault-injection default: two agents SIGKILLed at different points and
 # respawned, and the coordinator SIGKILLed at 60% of all bytes and resumed from the sandbox.
@@ -43,6 +43,14 @@ chaos-soak: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m coordinator.launch bench $(ARGS)
+
+# Each layer (and each contiguous block of 2 and 4) removed in turn: CE/PPL, vs seed 001's claims.
+ablate: $(STAMP)
+	$(PY) -m coordinator.launch ablate $(ARGS)
+
+# Repeated real runs per fragment count (2, 4, 6): generation-time variance, determinism.
+sweep: $(STAMP)
+	$(PY) -m coordinator.launch sweep $(ARGS)
 
 replay: $(STAMP)
 	$(PY) -m coordinator.launch replay $(RUN) $(ARGS)

@@ -67,6 +67,47 @@ def sequence_logits(model: Any, ids: list[int]) -> torch.Tensor:
     return logits
 
 
+@torch.inference_mode()
+def residual_stream_stats(model: Any, ids: list[int]) -> list[dict[str, float | int]]:
+    """Statistics of the residual stream over all positions and channels of `ids`, one row per
+    index 0..k: 0 is what enters decoder layer 0 (the embedding output), i the output of
+    decoder layer i-1. Taken with hooks on the decoder layers because HF's
+    output_hidden_states applies the final norm to its last entry."""
+    layers = getattr(model, model.base_model_prefix).layers
+    rows: list[dict[str, float | int]] = []
+
+    def entering(_module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        rows.append(_stats(0, args[0] if args else kwargs["hidden_states"]))
+
+    def leaving(_module: Any, _args: Any, output: Any) -> None:
+        # Some transformers versions return (hidden_states, ...) from a decoder layer.
+        rows.append(_stats(len(rows), output[0] if isinstance(output, tuple) else output))
+
+    handles = [layers[0].register_forward_pre_hook(entering, with_kwargs=True)]
+    handles += [layer.register_forward_hook(leaving) for layer in layers]
+    try:
+        # The base model: the stream is all we read, the lm_head would only cost time.
+        getattr(model, model.base_model_prefix)(input_ids=torch.tensor([ids]), use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    if len(rows) != len(layers) + 1:
+        raise RuntimeError(f"residual stream: {len(rows)} hooked states, expected {len(layers) + 1}")
+    return rows
+
+
+def _stats(index: int, hidden: torch.Tensor) -> dict[str, float | int]:
+    x = hidden.double()
+    return {
+        "index": index,
+        "mean": x.mean().item(),
+        "std": x.std(correction=0).item(),  # population std: every value of the stream is here
+        "min": x.min().item(),
+        "max": x.max().item(),
+        "rms": x.square().mean().sqrt().item(),
+    }
+
+
 LABELS = ("empty", "whitespace collapse", "repetition loop", "coherent", "other")
 COHERENT_MIN_WORDS = 3
 COHERENT_WORDLIKE = 0.8  # share of words that are numbers, or letters with a vowel and at most 20 of them

@@ -9,15 +9,24 @@ from typing import Any
 
 from safetensors.torch import load as load_safetensors_bytes
 
-from coordinator.evaluate import agreement, divergence, generate, prompt_ids, sequence_logits, set_determinism
+from coordinator.evaluate import (
+    agreement,
+    divergence,
+    generate,
+    prompt_ids,
+    residual_stream_stats,
+    sequence_logits,
+    set_determinism,
+)
 from coordinator.events import Reassemble
 from coordinator.live_model import LiveModel
+from coordinator.quality import FullReference, eval_ids, eval_limit, full_reference, text_quality
 from coordinator.snapshot import write_snapshot
 from coordinator.store import FragmentStore
 from protocol.plan import WEIGHTS_FILE, Plan
 from protocol.run_settings import RunSettings
 from sandbox import Sandbox
-from sandbox.layout import BASELINE_JSON, BASELINE_LOGITS, committed_dir
+from sandbox.layout import BASELINE_JSON, BASELINE_LOGITS, EVAL_TEXT, committed_dir
 
 
 class Reassembler:
@@ -30,6 +39,8 @@ class Reassembler:
         self.live = LiveModel(plan.model["config"])
         self.checkpoints: list[dict[str, Any]] = []
         self._baseline: dict[str, Any] | None = None
+        self._eval_ids: list[int] | None = None
+        self._eval_reference: FullReference | None = None
 
     @property
     def baseline(self) -> dict[str, Any]:
@@ -40,6 +51,29 @@ class Reassembler:
             data["logits"] = load_safetensors_bytes(self.box.read_bytes(BASELINE_LOGITS))
             self._baseline = data
         return self._baseline
+
+    @property
+    def eval_ids(self) -> list[int]:
+        """The run's copy of the eval text as the live model's tokenizer reads it: the ids the
+        baseline scored, which its eval logits prove (one row per id)."""
+        if self._eval_ids is None:
+            text = self.box.read_bytes(EVAL_TEXT).decode("utf-8")
+            ids = eval_ids(self.live.tokenizer, text, eval_limit(self.live.model.config))
+            reference = self.baseline["logits"]["eval"]
+            if reference.shape[0] != len(ids):
+                raise ValueError(
+                    f"{EVAL_TEXT}: {len(ids)} tokens, but the baseline scored {reference.shape[0]}: "
+                    "expected the text the baseline was recorded with"
+                )
+            self._eval_ids = ids
+        return self._eval_ids
+
+    @property
+    def eval_reference(self) -> FullReference:
+        # Once per run: the full model's distributions are the same at every checkpoint.
+        if self._eval_reference is None:
+            self._eval_reference = full_reference(self.baseline["logits"]["eval"], self.eval_ids)
+        return self._eval_reference
 
     def reassemble(self, action: Reassemble) -> dict[str, Any]:
         """Snapshot, grow the live model to the new prefix and evaluate it: the checkpoint's record."""
@@ -60,6 +94,10 @@ class Reassembler:
         ids = prompt_ids(self.live.tokenizer, self.settings.prompt)[0].tolist()
         logits = sequence_logits(self.live.model, ids + base["tokens"])
         t4 = time.perf_counter()
+        quality = text_quality(sequence_logits(self.live.model, self.eval_ids), self.eval_ids, self.eval_reference)
+        probe = prompt_ids(self.live.tokenizer, self.settings.options.probe)[0].tolist()
+        hidden_states = residual_stream_stats(self.live.model, probe)
+        t5 = time.perf_counter()
         record = {
             "checkpoint": action.checkpoint,
             "layers": action.layers,
@@ -76,7 +114,10 @@ class Reassembler:
             "snapshot_s": round(t1 - t0, 6),
             "load_s": round(t2 - t1, 6),
             "score_s": round(t4 - t3, 6),
+            "quality_s": round(t5 - t4, 6),
             "loaded": self.live.loads[-1],
+            "quality": quality,
+            "hidden_states": hidden_states,
         }
         self.checkpoints.append(record)
         return record

@@ -11,6 +11,7 @@ from typing import Any
 
 import psutil
 
+from protocol.census import census
 from protocol.plan import Plan
 from protocol.run_settings import RunSettings
 from sandbox import Sandbox
@@ -73,6 +74,7 @@ def build_results(
             "machine": machine_info(),
         },
         "baseline": {k: v for k, v in baseline.items() if k != "logits"},
+        "census": census(plan),
         "fragments": fragments,
         "arrivals": arrivals,
         "checkpoints": checkpoints,
@@ -97,19 +99,23 @@ def table(headers: list[str], rows: list[list[Any]]) -> str:
 
 def checkpoint_rows(results: dict[str, Any]) -> list[list[Any]]:
     n = len(results["baseline"]["tokens"])
-    return [
-        [
-            c["checkpoint"],
-            c["layers"],
-            ",".join(c["ranges"]),
-            c["label"],
-            f"{c['agree_tokens']}/{n}",
-            c["kl_to_baseline"],
-            f"{c['generate_s']:.3f}",
-            repr(c["text"]),
-        ]
-        for c in results["checkpoints"]
-    ]
+    rows = []
+    for c in results["checkpoints"]:
+        q = c.get("quality", {})
+        rows.append(
+            [
+                c["checkpoint"],
+                c["layers"],
+                ",".join(c["ranges"]),
+                c["label"],
+                f"{c['agree_tokens']}/{n}",
+                c["kl_to_baseline"],
+                _num(q.get("ppl"), ".4g"),
+                f"{c['generate_s']:.3f}",
+                repr(c["text"]),
+            ]
+        )
+    return rows
 
 
 CHECKPOINT_HEADERS = [
@@ -119,9 +125,14 @@ CHECKPOINT_HEADERS = [
     "label",
     "tokens = baseline",
     "KL to baseline",
+    "eval PPL",
     "generate s",
     "completion",
 ]
+
+
+def _num(value: Any, spec: str) -> str | None:
+    return None if value is None else format(value, spec)
 
 
 def render_markdown(r: dict[str, Any]) -> str:
@@ -162,6 +173,14 @@ def render_markdown(r: dict[str, Any]) -> str:
         f"{b['text']!r} ({len(b['tokens'])} tokens, {b['seconds']:.3f} s, label {b['label']})",
         "",
     ]
+    if "quality" in b:
+        q = b["quality"]
+        out += [
+            f"Eval text ({q['tokens']} scored tokens): cross-entropy {_num(q['ce'], '.4f')} nats/token, "
+            f"perplexity {_num(q['ppl'], '.4g')} ({b['quality_s']:.3f} s with the probe): the reference of every "
+            "checkpoint's eval KL and top-1.",
+            "",
+        ]
     out += [
         "## Arrivals",
         "",
@@ -175,11 +194,12 @@ def render_markdown(r: dict[str, Any]) -> str:
         "",
     ]
     out += ["## Checkpoints", "", table(CHECKPOINT_HEADERS, checkpoint_rows(r)), ""]
+    out += quality_section(r)
     out += [
         "## Checkpoint timings (seconds)",
         "",
         table(
-            ["ckpt", "layers", "snapshot", "load", "generate", "score vs baseline", "loaded"],
+            ["ckpt", "layers", "snapshot", "load", "generate", "score vs baseline", "quality", "loaded"],
             [
                 [
                     c["checkpoint"],
@@ -188,6 +208,7 @@ def render_markdown(r: dict[str, Any]) -> str:
                     c["load_s"],
                     c["generate_s"],
                     c["score_s"],
+                    c.get("quality_s"),
                     f"{c['loaded']['kind']} layers {c['loaded']['layers'][0]}-{c['loaded']['layers'][-1]}",
                 ]
                 for c in r["checkpoints"]
@@ -195,6 +216,8 @@ def render_markdown(r: dict[str, Any]) -> str:
         ),
         "",
     ]
+    out += residual_stream_section(r)
+    out += census_section(r)
     out += [
         "## Fragment transfers",
         "",
@@ -239,3 +262,115 @@ def render_markdown(r: dict[str, Any]) -> str:
         "",
     ]
     return "\n".join(out)
+
+
+def quality_section(r: dict[str, Any]) -> list[str]:
+    """Each checkpoint on the eval text, the full model last: the logit lens of the prefix."""
+    rows = [
+        [c["checkpoint"], c["layers"], *_quality_cells(c["quality"]), c["quality_s"]]
+        for c in r["checkpoints"]
+        if "quality" in c
+    ]
+    base = r["baseline"]
+    if not rows or "quality" not in base:
+        return []
+    full = [["full model", base["num_layers"], *_quality_cells(base["quality"]), base["quality_s"]]]
+    return [
+        "## Checkpoint quality on the eval text",
+        "",
+        "Teacher-forced over the held-out text: cross-entropy (nats/token) and perplexity of the next token; "
+        "KL(full ‖ checkpoint) and top-1 agreement with the full model, both per position.",
+        "",
+        table(["ckpt", "layers", "tokens", "CE", "PPL", "KL to full", "top-1 = full", "quality s"], rows + full),
+        "",
+    ]
+
+
+def _quality_cells(q: dict[str, Any]) -> list[Any]:
+    return [
+        q["tokens"],
+        _num(q["ce"], ".4f"),
+        _num(q["ppl"], ".4g"),
+        _num(q.get("kl"), ".4f"),
+        _num(q.get("top1"), ".3f"),
+    ]
+
+
+def residual_stream_section(r: dict[str, Any]) -> list[str]:
+    """The full model's residual stream on the probe, then its std at every checkpoint: a
+    partial model's first k+1 rows equal the full model's (same weights, same input)."""
+    base = r["baseline"].get("hidden_states")
+    if not base:
+        return []
+    checkpoints = [c for c in r["checkpoints"] if c.get("hidden_states")]
+    stds: list[dict[int, float]] = [{h["index"]: h["std"] for h in c["hidden_states"]} for c in checkpoints]
+    return [
+        f"## Residual stream on the probe {r['run'].get('probe')!r}",
+        "",
+        "Index 0 enters decoder layer 0 (the embedding output), index i leaves decoder layer i-1; over all "
+        "positions and channels, before the final norm.",
+        "",
+        table(
+            ["index", "mean", "std", "min", "max", "rms", *(f"std ckpt {c['checkpoint']}" for c in checkpoints)],
+            [
+                [
+                    h["index"],
+                    *(format(h[k], ".4g") for k in ("mean", "std", "min", "max", "rms")),
+                    *(_num(s.get(h["index"]), ".4g") for s in stds),
+                ]
+                for h in base
+            ],
+        ),
+        "",
+    ]
+
+
+def census_section(r: dict[str, Any]) -> list[str]:
+    c = r.get("census")
+    if not c:
+        return []
+    out = [
+        "## Parameter census (from the plan's tensor shapes)",
+        "",
+        table(
+            ["embeddings", "decoder blocks", "final norm", "lm_head", "other", "total", "bytes match plan"],
+            [
+                [
+                    f"{c['embeddings']:,}",
+                    f"{c['blocks_total']:,}",
+                    f"{c['final_norm']:,}",
+                    f"{c['lm_head']:,}" + (" (tied)" if c["lm_head"] == 0 else ""),
+                    f"{c['other']:,}",
+                    f"{c['total']:,}",
+                    c["bytes_match"],
+                ]
+            ],
+        ),
+        "",
+    ]
+    # Identical blocks (the usual case) make one row, not one per layer.
+    groups: list[tuple[list[int], dict[str, Any]]] = []
+    for block in c["blocks"]:
+        shape = {k: v for k, v in block.items() if k != "layer"}
+        if groups and groups[-1][1] == shape:
+            groups[-1][0].append(block["layer"])
+        else:
+            groups.append(([block["layer"]], shape))
+    parts = list(dict.fromkeys((g, k) for _, b in groups for g in ("attention", "mlp") for k in b[g]))
+    out += [
+        table(
+            ["layers", *(f"{g} {k}" for g, k in parts), "norms", "other", "per block"],
+            [
+                [
+                    f"{layers[0]}-{layers[-1]}" if len(layers) > 1 else layers[0],
+                    *(f"{b[g].get(k, 0):,}" for g, k in parts),
+                    f"{b['norms']:,}",
+                    f"{b['other']:,}",
+                    f"{b['total']:,}",
+                ]
+                for layers, b in groups
+            ],
+        ),
+        "",
+    ]
+    return out

@@ -11,6 +11,7 @@ from protocol.plan import DEFAULT_PIECE_SIZE
 
 DEFAULT_PROMPT = "The capital of France is"
 DEFAULT_MAX_NEW_TOKENS = 24
+DEFAULT_PROBE = "47 + 86"  # the input whose residual stream is measured at every checkpoint
 DEFAULT_THREADS = 2
 DEFAULT_FRAGMENTS = 4
 DEFAULT_BIND = "tcp://127.0.0.1:0"  # loopback, a free port: another address only when asked
@@ -35,6 +36,8 @@ class RunOptions:
     parallel: bool = False
     prompt: str = DEFAULT_PROMPT
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
+    eval_text: str | None = None  # held-out text file of the quality metrics; None: the shipped one
+    probe: str = DEFAULT_PROBE
     run_dir: str | None = None
     artifacts: str = "artifacts"
     threads: int = DEFAULT_THREADS
@@ -94,6 +97,7 @@ class RunSettings:
         options.order = ",".join(str(i) for i in order)  # the resolved order is an explicit spec
         for name, typ in (
             ("prompt", str),
+            ("probe", str),
             ("max_new_tokens", int),
             ("threads", int),
             ("heartbeat_ms", int),

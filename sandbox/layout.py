@@ -2,6 +2,7 @@
 
 artifacts/runs/<run_id>/            one run = one sandbox: the coordinator writes nowhere else
   plan.json  run.json               the trust anchor; the options the launcher recorded
+  eval_text.txt                     the held-out text every checkpoint is scored on (a copy)
   keys/                             per-run CURVE key pairs (secret keys 0600)
   baseline/                         the full source model's completion, tokens and logits
   quorum/fragment_KK.partial/       a fragment while its pieces arrive
@@ -21,6 +22,8 @@ RUN_SETTINGS = "run.json"
 RESULTS_JSON = "results.json"
 RESULTS_MD = "results.md"
 LAUNCHER_JSON = "launcher.json"
+# A copy, so the run is self-contained: baseline, coordinator and a resume score the same text.
+EVAL_TEXT = "eval_text.txt"
 
 BASELINE_DIR = "baseline"
 BASELINE_JSON = f"{BASELINE_DIR}/baseline.json"

@@ -24,3 +24,9 @@ def test_real_model_forward_run_is_bit_exact(default_source: Path, tmp_path: Pat
     # Partial prefixes really are partial models: the 8-layer one does not say what the full one says.
     assert r["checkpoints"][0]["agree_tokens"] < len(r["baseline"]["tokens"])
     assert r["checkpoints"][0]["kl_to_baseline"] > r["checkpoints"][-1]["kl_to_baseline"] == 0.0
+    # On the eval text too (356 tokens, all scored): the full prefix is the full model, bit for bit.
+    last, base = r["checkpoints"][-1]["quality"], r["baseline"]["quality"]
+    assert base["tokens"] == 355 and last["kl"] == 0.0 and last["ce"] == base["ce"]
+    assert r["checkpoints"][0]["quality"]["ce"] > base["ce"]
+    assert len(r["checkpoints"][-1]["hidden_states"]) == 31 == len(r["baseline"]["hidden_states"])
+    assert r["census"]["total"] == 134_515_008 and r["census"]["bytes_match"]

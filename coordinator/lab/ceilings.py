@@ -42,7 +42,7 @@ from blake3 import blake3
 from protocol import link
 from protocol import log_events as E
 from protocol.plan import DEFAULT_PIECE_SIZE
-from protocol.run_settings import DEFAULT_DEAD_AFTER_S, DEFAULT_HEARTBEAT_MS
+from protocol.run_settings import DEFAULT_DEAD_AFTER_S, DEFAULT_HEARTBEAT_MS, DEFAULT_PROBE
 from sandbox import layout
 
 CREDIT_PIECES = 4  # the credit window of a real run (coordinator.core.CoreSettings.credit)
@@ -365,7 +365,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from coordinator.snapshot import truncated_config
 transformers.utils.logging.set_verbosity_error()
 transformers.utils.logging.disable_progress_bar()
-from coordinator.evaluate import set_determinism
+from coordinator.evaluate import residual_stream_stats, sequence_logits, set_determinism
+from coordinator.quality import eval_ids, eval_limit, full_reference, read_eval_text, text_quality
 set_determinism(cfg["threads"])  # the flag fragsim sets, not the public call's 2 s torch._inductor import
 marks["imported_mono"] = time.monotonic()
 src = cfg["model"]
@@ -384,7 +385,20 @@ t = time.perf_counter()
 model = AutoModelForCausalLM.from_pretrained(src, local_files_only=True, dtype="auto").eval()
 tok = AutoTokenizer.from_pretrained(src, local_files_only=True)
 load_s = time.perf_counter() - t
+def score(model, tokens, reference=None):
+    # What a fragsim checkpoint reports besides its generation: the teacher-forced pass over
+    # prompt + baseline tokens (KL to baseline), the eval text's quality, the probe's residual stream.
+    prompt = tok(cfg["prompt"])["input_ids"]
+    sequence_logits(model, prompt + tokens)
+    logits = sequence_logits(model, scored)
+    quality = text_quality(logits, scored, reference)
+    residual_stream_stats(model, tok(cfg["probe"])["input_ids"])
+    return logits, quality
+
+scored = eval_ids(tok, read_eval_text(), eval_limit(model.config))
 baseline, baseline_s = generate(model, tok)
+full_logits, _ = score(model, baseline)
+reference = full_reference(full_logits, scored)
 marks["baseline_mono"] = time.monotonic()
 full = AutoConfig.from_pretrained(src, local_files_only=True)
 prefixes = []
@@ -396,6 +410,7 @@ for k in cfg["layers"]:
     model = AutoModelForCausalLM.from_pretrained(src, config=config, local_files_only=True, dtype="auto").eval()
     prefix_load_s = time.perf_counter() - t
     tokens, gen_s = generate(model, tok)
+    score(model, baseline, reference)
     prefixes.append({"layers": k, "load_seconds": round(prefix_load_s, 6), "generate_seconds": round(gen_s, 6),
                      "agree_tokens": sum(a == b for a, b in zip(tokens, baseline)), "done_mono": time.monotonic()})
 print(json.dumps({"marks": marks, "load_seconds": round(load_s, 6), "baseline_generate_seconds": round(baseline_s, 6),
@@ -466,12 +481,14 @@ def in_process_floor(
     """The least any tool could do for what a forward run reports, in one fresh Python process:
     import torch and transformers, load the source with from_pretrained, generate the baseline's
     tokens, then the same number of greedy tokens at each prefix in `layers` (each loaded with a
-    config whose num_hidden_layers is k, as fragsim's snapshots are). `seconds` is the wall time
+    config whose num_hidden_layers is k, as fragsim's snapshots are), and score the baseline and
+    each prefix as a checkpoint is scored (KL pass, eval-text quality, probe statistics). `seconds` is the wall time
     from spawning that process to its exit."""
     cfg = {
         "model": str(model),
         "layers": layers,
         "prompt": prompt,
+        "probe": DEFAULT_PROBE,
         "max_new_tokens": max_new_tokens,
         "threads": threads,
     }

@@ -11,9 +11,11 @@ from typing import Any
 from safetensors.torch import save as save_safetensors_bytes
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from coordinator.evaluate import generate, prompt_ids, sequence_logits, set_determinism
+from coordinator.evaluate import generate, prompt_ids, residual_stream_stats, sequence_logits, set_determinism
+from coordinator.quality import eval_ids, eval_limit, text_quality
+from protocol.run_settings import DEFAULT_PROBE
 from sandbox import Sandbox
-from sandbox.layout import BASELINE_DIR, BASELINE_JSON, BASELINE_LOGITS
+from sandbox.layout import BASELINE_DIR, BASELINE_JSON, BASELINE_LOGITS, EVAL_TEXT
 
 
 class SourceModel:
@@ -27,19 +29,35 @@ class SourceModel:
         self.tokenizer = AutoTokenizer.from_pretrained(source_dir, local_files_only=True)
         self.load_s = time.perf_counter() - started
 
-    def record(self, box: Sandbox, prompt: str, max_new_tokens: int) -> dict[str, Any]:
-        return record_baseline(box, self.model, self.tokenizer, prompt, max_new_tokens, self.load_s)
+    def record(self, box: Sandbox, prompt: str, max_new_tokens: int, probe: str = DEFAULT_PROBE) -> dict[str, Any]:
+        return record_baseline(box, self.model, self.tokenizer, prompt, max_new_tokens, self.load_s, probe=probe)
 
 
 def record_baseline(
-    box: Sandbox, model: Any, tokenizer: Any, prompt: str, max_new_tokens: int, load_s: float = 0.0
+    box: Sandbox,
+    model: Any,
+    tokenizer: Any,
+    prompt: str,
+    max_new_tokens: int,
+    load_s: float = 0.0,
+    *,
+    probe: str = DEFAULT_PROBE,
 ) -> dict[str, Any]:
+    """Generate, then score the run's copy of the eval text and the probe's residual stream:
+    every checkpoint is compared with what this records."""
     generate(model, tokenizer, prompt, 2)  # warm-up: first calls pay one-off kernel setup
     gen = generate(model, tokenizer, prompt, max_new_tokens)
     ids = prompt_ids(tokenizer, prompt)[0].tolist()
+    scored = eval_ids(tokenizer, box.read_bytes(EVAL_TEXT).decode("utf-8"), eval_limit(model.config))
+    started = time.perf_counter()
+    eval_logits = sequence_logits(model, scored)
+    quality = text_quality(eval_logits, scored)
+    hidden_states = residual_stream_stats(model, prompt_ids(tokenizer, probe)[0].tolist())
+    quality_s = time.perf_counter() - started
     logits = {
         "prompt": sequence_logits(model, ids).contiguous(),
         "sequence": sequence_logits(model, ids + gen.tokens).contiguous(),
+        "eval": eval_logits.contiguous(),  # float32 [eval tokens, vocab]: the reference of kl and top1
     }
     box.mkdir(BASELINE_DIR)
     box.write_bytes(BASELINE_LOGITS, save_safetensors_bytes(logits))
@@ -51,6 +69,9 @@ def record_baseline(
         "prompt_tokens": ids,
         "load_s": round(load_s, 6),
         "num_layers": model.config.num_hidden_layers,
+        "quality": quality,
+        "quality_s": round(quality_s, 6),
+        "hidden_states": hidden_states,
     }
     box.write_json(BASELINE_JSON, record)
     return record

@@ -55,6 +55,19 @@ def _simulate_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
     p.add_argument("--prompt", default=d.prompt)
     p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
     p.add_argument(
+        "--eval-text",
+        default=d.eval_text,
+        metavar="FILE",
+        help="held-out text scored at every checkpoint: cross-entropy, perplexity, KL and top-1 agreement "
+        "with the full model (default: the shipped coordinator/data/eval_text.txt)",
+    )
+    p.add_argument(
+        "--probe",
+        default=d.probe,
+        metavar="TEXT",
+        help=f"input whose residual stream is measured layer by layer at every checkpoint (default {d.probe!r})",
+    )
+    p.add_argument(
         "--threads", type=int, default=d.threads, help="torch threads in baseline and coordinator (must match)"
     )
     p.add_argument("--run-dir", help="run directory (default artifacts/runs/<run id>)")
@@ -199,6 +212,29 @@ def main(argv: list[str] | None = None) -> int:
         help="repeats of each ceiling (the best counts) and of the warm run and its floor (the median counts)",
     )
 
+    p = sub.add_parser("ablate", help="remove each layer, then contiguous blocks, in turn: CE/PPL; JSON")
+    p.add_argument("--model", help="checkpoint dir (default: the embedded SmolLM2, prepared once)")
+    p.add_argument("--text", help="held-out text file (default: coordinator/data/eval_text.txt)")
+    p.add_argument(
+        "--blocks",
+        default="1,2,4",
+        metavar="W,W,...",
+        help="widths of the contiguous blocks removed (default 1,2,4; 1 = single layers, always measured)",
+    )
+    p.add_argument("--out", default="artifacts/ablation.json")
+    p.add_argument("--threads", type=int, default=RunOptions.threads, help="torch threads (default: the run default)")
+    p.add_argument("--max-tokens", type=int, help="score only the first N tokens of the text")
+
+    p = sub.add_parser("sweep", help="repeated real runs per fragment count and order: latency stats, determinism")
+    p.add_argument("--model", help="checkpoint dir (default: the embedded SmolLM2, prepared once)")
+    p.add_argument("--fragments", default="2,4,6", metavar="N,N,...", help="fragment counts (default 2,4,6)")
+    p.add_argument("--trials", type=int, default=5, help="fresh real runs per fragment count and order (default 5)")
+    p.add_argument("--orders", default="forward", help="launch orders: forward, reverse, random (default forward)")
+    p.add_argument("--seed", type=int, default=0, help="random orders: each trial's seed is derived from it")
+    p.add_argument("--max-new-tokens", type=int, help="tokens per evaluation (default: the run default)")
+    p.add_argument("--threads", type=int, help="torch threads (default: the run default)")
+    p.add_argument("--out", default="artifacts/sweep", help="sweep.json, sweep.md and runs/ (default artifacts/sweep)")
+
     p = sub.add_parser("serve", help="run the coordinator for an existing run directory (started by simulate)")
     p.add_argument("--run-dir", required=True)
     p.add_argument("--bind", default=DEFAULT_BIND, help="endpoint to bind (default loopback, free port)")
@@ -276,6 +312,30 @@ def _run(args: argparse.Namespace) -> int:
                         max_new_tokens=args.max_new_tokens, threads=args.threads,
                         ceiling_repeats=args.ceiling_repeats)  # fmt: skip
         return 0 if summary["final_matches_baseline"] else 1
+    if args.command == "ablate":
+        from transformers.utils import logging as hf_logging
+
+        from coordinator.lab.ablate import ablate, parse_widths
+        from coordinator.launch.prepare import prepare_default
+
+        hf_logging.disable_progress_bar()
+        widths = parse_widths(args.blocks)  # checked before the model is loaded
+        model = Path(args.model).resolve() if args.model else prepare_default(Path("artifacts"))
+        ablate(model, Path(args.out), text=Path(args.text) if args.text else None, widths=widths,
+               threads=args.threads, max_tokens=args.max_tokens)  # fmt: skip
+        return 0
+    if args.command == "sweep":
+        from transformers.utils import logging as hf_logging
+
+        from coordinator.lab.sweep import parse_fragments, parse_orders, sweep
+        from coordinator.launch.prepare import prepare_default
+
+        hf_logging.disable_progress_bar()
+        fragments, orders = parse_fragments(args.fragments), parse_orders(args.orders)  # checked before any run
+        model = Path(args.model).resolve() if args.model else prepare_default(Path("artifacts"))
+        summary = sweep(model, Path(args.out), fragments=fragments, trials=args.trials, orders=orders,
+                        seed=args.seed, max_new_tokens=args.max_new_tokens, threads=args.threads)  # fmt: skip
+        return 0 if summary["ok"] else 1
     if args.command == "soak":
         from coordinator.lab.soak import soak
 

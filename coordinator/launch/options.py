@@ -48,6 +48,10 @@ def check_options(opts: SimulateOptions) -> None:
         raise PlanError("--prompt", opts.prompt, "some text to generate from")
     if opts.max_new_tokens < 1:
         raise PlanError("--max-new-tokens", opts.max_new_tokens, "at least 1")
+    if not opts.probe.strip():
+        raise PlanError("--probe", opts.probe, "some text whose residual stream is measured")
+    if opts.eval_text is not None:
+        check_eval_text(Path(opts.eval_text))
     if opts.threads < 1:
         raise PlanError("--threads", opts.threads, "at least 1")
     for name in ("stagger", "respawn_delay"):
@@ -73,6 +77,28 @@ def check_options(opts: SimulateOptions) -> None:
         )
     target = Path(opts.run_dir) if opts.run_dir else Path(opts.artifacts) / "runs"
     check_writable_dir(target, "--run-dir" if opts.run_dir else "--artifacts")
+
+
+def check_eval_text(path: Path) -> None:
+    """A readable UTF-8 file with enough words to score: a tokenizer makes at least one token
+    of a word, so MIN_EVAL_TOKENS + 1 words always give enough positions (the tokenizer
+    itself is not loaded this early)."""
+    from coordinator.quality import MIN_EVAL_TOKENS, read_eval_text
+
+    what = "a UTF-8 text file of held-out prose to score every checkpoint on"
+    if not path.is_file():
+        raise PlanError("--eval-text", str(path), f"{what} ({'a directory' if path.is_dir() else 'no such file'})")
+    try:
+        text = read_eval_text(path)
+    except UnicodeDecodeError as exc:
+        raise PlanError("--eval-text", str(path), f"{what} (not UTF-8 at byte {exc.start})") from None
+    except OSError as exc:
+        raise PlanError("--eval-text", str(path), f"{what} ({exc.strerror or exc})") from None
+    except ValueError:
+        raise PlanError("--eval-text", str(path), f"{what} (it is empty)") from None
+    words = len(text.split())
+    if words < MIN_EVAL_TOKENS + 1:
+        raise PlanError("--eval-text", str(path), f"at least {MIN_EVAL_TOKENS + 1} words of text (it has {words})")
 
 
 _SAFETENSORS_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}

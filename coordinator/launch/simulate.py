@@ -62,6 +62,7 @@ def plan_run(opts: SimulateOptions, source_dir: Path, model_name: str) -> Prepar
         run_dir = Path(opts.run_dir or Path(opts.artifacts) / "runs" / run_id).resolve()
         box = Sandbox(run_dir, create=True)
         box.mkdir(layout.LOGS)
+        store_eval_text(box, opts)
         extra = {"curve": make_run_keys(box, len(ranges))} if opts.curve else {}
         plan = make_plan(source, ranges, run_id=run_id, model_name=model_name, piece_size=opts.piece_size, extra=extra)
     finally:
@@ -69,6 +70,14 @@ def plan_run(opts: SimulateOptions, source_dir: Path, model_name: str) -> Prepar
     box.write_text(layout.PLAN, plan.dumps())
     box.write_json(layout.RUN_SETTINGS, RunSettings(opts, order, str(source_dir)).to_json())
     return PreparedRun(run_dir, box, plan, order, source_dir)
+
+
+def store_eval_text(box: Sandbox, opts: SimulateOptions) -> None:
+    """Copy the eval text into the run (checked by check_options): baseline, coordinator and a
+    resume then score the same bytes, whatever happens to the user's file later."""
+    from coordinator.quality import read_eval_text
+
+    box.write_text(layout.EVAL_TEXT, read_eval_text(opts.eval_text))
 
 
 def execute_run(
@@ -81,10 +90,14 @@ def execute_run(
     if not with_baseline and not run.box.exists(layout.BASELINE_JSON):
         from coordinator.launch.baseline import SourceModel
 
+        if not run.box.exists(layout.EVAL_TEXT):  # a run planned before runs kept their eval text
+            store_eval_text(run.box, opts)
         # The run stopped before its launcher recorded the baseline. Record it before the
         # coordinator starts: a restarted coordinator evaluates restored fragments at once.
         with console.status("baseline: the run has none yet; recording it first"):
-            base = SourceModel(run.source_dir, opts.threads).record(run.box, opts.prompt, opts.max_new_tokens)
+            base = SourceModel(run.source_dir, opts.threads).record(
+                run.box, opts.prompt, opts.max_new_tokens, opts.probe
+            )
         console.print(f"baseline ({run.plan.num_layers} layers): {escape(repr(base['text']))} ({base['seconds']:.2f}s)")
     try:
         driver.start_coordinator()
@@ -98,7 +111,7 @@ def execute_run(
                 driver.await_ready()
                 driver.await_warm()
             with console.status("baseline: evaluating the full source model"):
-                base = source_model.record(run.box, opts.prompt, opts.max_new_tokens)
+                base = source_model.record(run.box, opts.prompt, opts.max_new_tokens, opts.probe)
             del source_model
             console.print(
                 f"baseline ({run.plan.num_layers} layers): {escape(repr(base['text']))} ({base['seconds']:.2f}s)"

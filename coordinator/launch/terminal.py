@@ -63,9 +63,11 @@ class LiveView:
                 f" -> active layers {ev['layers']} {grew}"
             )
         elif kind == link.CHECKPOINT:
+            q = ev.get("quality") or {}
+            ppl = f" eval ppl {q['ppl']:.4g}" if q.get("ppl") is not None else ""
             self.console.print(
                 f"  checkpoint {ev['checkpoint']}: {ev['layers']} layers "
-                + escape(f"[{ev['label']}] {ev['generate_s']:.2f}s {ev['text']!r}")
+                + escape(f"[{ev['label']}]{ppl} {ev['generate_s']:.2f}s {ev['text']!r}")
             )
         elif kind == link.DEAD:
             self.console.print(f"[red]agent of fragment {ev['fragment']} dead[/]: {ev['reason']}")
