@@ -50,26 +50,16 @@ def eval_limit(config: Any) -> int:
     return MAX_EVAL_TOKENS
 
 
+# Positions scored at a time: float64 distributions of [positions, vocab] are 0.4 MB per
+# position for a 49k vocabulary, so a whole text at once would cost the coordinator ~0.6 GB.
+CHUNK_POSITIONS = 32
+
+
 def token_cross_entropy(logits: torch.Tensor, ids: list[int]) -> float:
     """Mean next-token cross-entropy in nats/token: `logits` [len(ids), vocab] teacher-forced
     over `ids`; position t predicts ids[t + 1], so len(ids) - 1 positions are scored."""
-    return _cross_entropy(_scored_log_probs(logits, ids), ids)
-
-
-def _scored_log_probs(logits: torch.Tensor, ids: list[int]) -> torch.Tensor:
-    import torch
-
-    if logits.shape[0] != len(ids):
-        raise ValueError(f"logits for {logits.shape[0]} positions, expected {len(ids)}")
-    # float64: a KL of nearly equal distributions is a small difference of large sums
-    return torch.log_softmax(logits[:-1].double(), dim=-1)
-
-
-def _cross_entropy(logp: torch.Tensor, ids: list[int]) -> float:
-    import torch
-
-    target = torch.tensor(ids[1:]).unsqueeze(-1)
-    return float(-logp.gather(-1, target).mean().item())
+    ce = text_quality(logits, ids)["ce"]
+    return math.inf if ce is None else float(ce)
 
 
 def perplexity(ce: float) -> float:
@@ -82,26 +72,21 @@ def perplexity(ce: float) -> float:
 
 @dataclass(frozen=True)
 class FullReference:
-    """The full model's next-token distributions over the eval text, prepared once per run:
-    every checkpoint is compared with them."""
+    """The full model's teacher-forced logits over the eval text and its most likely next
+    tokens: every checkpoint is compared with them."""
 
-    probs: torch.Tensor  # float64 [scored positions, vocab]
-    plogp: torch.Tensor  # float64 [scored positions]: sum of p log p, minus the entropy
-    top1: torch.Tensor  # [scored positions]: the full model's most likely next token
-    shape: tuple[int, ...]  # of the logits it was made from
+    logits: torch.Tensor  # float32 [len(ids), vocab], as the baseline recorded them
+    top1: torch.Tensor  # [len(ids) - 1]: the full model's argmax at each scored position
 
 
 def full_reference(full: torch.Tensor, ids: list[int]) -> FullReference:
-    logp = _scored_log_probs(full, ids)
-    probs = logp.exp()
-    return FullReference(probs, _expected(probs, logp), logp.argmax(-1), tuple(full.shape))
+    _check_positions(full, ids)
+    return FullReference(full, full[:-1].argmax(-1))
 
 
-def _expected(probs: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
-    import torch
-
-    # One pass, no [positions, vocab] temporary: this is the per-checkpoint cost of the KL.
-    return torch.einsum("tv,tv->t", probs, logp)
+def _check_positions(logits: torch.Tensor, ids: list[int]) -> None:
+    if logits.shape[0] != len(ids):
+        raise ValueError(f"logits for {logits.shape[0]} positions, expected {len(ids)}")
 
 
 def text_quality(
@@ -112,19 +97,30 @@ def text_quality(
     FullReference) also kl = mean KL(full || this) and top1 = share of positions whose argmax
     agrees, both over the same len(ids) - 1 scored positions. A value that is not finite is
     None (JSON has no inf)."""
-    logp = _scored_log_probs(logits, ids)
-    ce = _cross_entropy(logp, ids)
-    out: dict[str, Any] = {"tokens": len(ids) - 1, "ce": _finite(ce), "ppl": _finite(perplexity(ce))}
-    if full is None:
-        return out
-    ref = full if isinstance(full, FullReference) else full_reference(full, ids)
-    if ref.shape != tuple(logits.shape):
-        raise ValueError(f"full model's eval logits of shape {ref.shape}, expected {tuple(logits.shape)}")
-    # KL(p || q) = sum p log p - sum p log q. For the full model itself both sums are the same
-    # computation on the same bits, so its kl is exactly 0.0.
-    kl = float((ref.plogp - _expected(ref.probs, logp)).mean().item())
-    top1 = float((logp.argmax(-1) == ref.top1).double().mean().item())
-    out.update(kl=_finite(kl), top1=top1)
+    import torch
+
+    _check_positions(logits, ids)
+    ref = full if isinstance(full, FullReference) or full is None else full_reference(full, ids)
+    if ref is not None and tuple(ref.logits.shape) != tuple(logits.shape):
+        raise ValueError(f"full model's eval logits of shape {tuple(ref.logits.shape)}, expected {tuple(logits.shape)}")
+    targets = torch.tensor(ids[1:]).unsqueeze(-1)
+    scored = len(ids) - 1
+    nll = kl = 0.0
+    agree = 0
+    for s in range(0, scored, CHUNK_POSITIONS):
+        e = min(scored, s + CHUNK_POSITIONS)
+        # float64: a KL of nearly equal distributions is a small difference of large sums
+        logp = torch.log_softmax(logits[s:e].double(), dim=-1)
+        nll -= float(logp.gather(-1, targets[s:e]).sum().item())
+        if ref is not None:
+            full_logp = torch.log_softmax(ref.logits[s:e].double(), dim=-1)
+            # The full model against itself: the same bits on both sides, so exactly 0.0.
+            kl += float((full_logp.exp() * (full_logp - logp)).sum().item())
+            agree += int((logp.argmax(-1) == ref.top1[s:e]).sum().item())
+    ce = nll / scored
+    out: dict[str, Any] = {"tokens": scored, "ce": _finite(ce), "ppl": _finite(perplexity(ce))}
+    if ref is not None:
+        out.update(kl=_finite(kl / scored), top1=agree / scored)
     return out
 
 

@@ -7,7 +7,7 @@ import json
 import time
 from typing import Any
 
-from safetensors.torch import load as load_safetensors_bytes
+from safetensors.torch import load_file as load_safetensors_file
 
 from coordinator.evaluate import (
     agreement,
@@ -48,7 +48,9 @@ class Reassembler:
         # while this process is still importing torch.
         if self._baseline is None:
             data = json.loads(self.box.read_bytes(BASELINE_JSON))
-            data["logits"] = load_safetensors_bytes(self.box.read_bytes(BASELINE_LOGITS))
+            # From the file, not from bytes read first: the eval text's logits alone are ~70 MB,
+            # and a bytes copy beside the tensors would double that in the coordinator's peak.
+            data["logits"] = load_safetensors_file(str(self.box.resolve(BASELINE_LOGITS)))
             self._baseline = data
         return self._baseline
 
