@@ -20,6 +20,10 @@ MIN_EVAL_TOKENS = 16  # fewer scored positions than this measure nothing
 # A longer text is cut here: the cost of one teacher-forced pass per checkpoint stays bounded
 # (the shipped text is 356 SmolLM2 tokens, so it is scored whole).
 MAX_EVAL_TOKENS = 1024
+# The full model's float32 logits over the eval text are kept by the baseline and the
+# coordinator: tokens x vocab x 4 bytes stays within this (512 tokens for SmolLM2's 49,152
+# vocabulary, 196 for a 128,256 one).
+EVAL_LOGITS_BUDGET = 96 * 2**20
 
 
 def read_eval_text(path: str | Path | None = None) -> str:
@@ -43,11 +47,16 @@ def eval_ids(tokenizer: Any, text: str, limit: int | None = None) -> list[int]:
 
 def eval_limit(config: Any) -> int:
     """How many eval tokens a model with this config scores: MAX_EVAL_TOKENS, or fewer when the
-    model has fewer positions (baseline and checkpoints share the config, so the same ids)."""
+    model has fewer positions or the logits would exceed EVAL_LOGITS_BUDGET (baseline and
+    checkpoints share the config, so they score the same ids)."""
+    limit = MAX_EVAL_TOKENS
     positions = getattr(config, "max_position_embeddings", None)
     if isinstance(positions, int) and not isinstance(positions, bool) and positions > 0:
-        return min(MAX_EVAL_TOKENS, positions)
-    return MAX_EVAL_TOKENS
+        limit = min(limit, positions)
+    vocab = getattr(config, "vocab_size", None)
+    if isinstance(vocab, int) and not isinstance(vocab, bool) and vocab > 0:
+        limit = min(limit, max(MIN_EVAL_TOKENS + 1, EVAL_LOGITS_BUDGET // (4 * vocab)))
+    return limit
 
 
 # Positions scored at a time: float64 distributions of [positions, vocab] are 0.4 MB per
