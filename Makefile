@@ -41,8 +41,10 @@ chaos-soak: $(STAMP)
 	$(PY) -m coordinator.launch outside-kills --model artifacts/source/tiny-llama-8 --max-new-tokens 8 --runs $(OUTSIDE_KILL_RUNS) --seed 0 --out artifacts/outside-kills.json --runs-dir artifacts/outside-kill-runs
 	$(PY) -m coordinator.launch outside-kills --runs $(OUTSIDE_KILL_REAL_RUNS) --seed 0 --out artifacts/outside-kills-real.json --runs-dir artifacts/outside-kill-runs-real
 
+# Every stage against its own ceiling, and run time per fragment count (~20 min here).
+BENCH_ARGS ?= --fragments-curve 1,2,4,8,15,30
 bench: $(STAMP)
-	$(PY) -m coordinator.launch bench $(ARGS)
+	$(PY) -m coordinator.launch bench $(BENCH_ARGS) $(ARGS)
 
 # Each layer (and each contiguous block of 2 and 4) removed in turn: CE/PPL, vs seed 001's claims.
 ablate: $(STAMP)
