@@ -3,10 +3,13 @@ check the final checkpoint against the source: digests, logits, tokens."""
 
 from __future__ import annotations
 
+import copy
 import json
 import time
 from typing import Any
 
+import torch
+from safetensors import safe_open
 from safetensors.torch import load_file as load_safetensors_file
 
 from coordinator.evaluate import (
@@ -23,6 +26,7 @@ from coordinator.live_model import LiveModel
 from coordinator.quality import FullReference, eval_ids, eval_limit, full_reference, text_quality
 from coordinator.snapshot import write_snapshot
 from coordinator.store import FragmentStore
+from protocol.layers import layer_of
 from protocol.plan import WEIGHTS_FILE, Plan
 from protocol.run_settings import RunSettings
 from sandbox import Sandbox
@@ -38,6 +42,7 @@ class Reassembler:
         set_determinism(settings.threads)
         self.live = LiveModel(plan.model["config"])
         self.checkpoints: list[dict[str, Any]] = []
+        self.gap_checkpoints: list[dict[str, Any]] = []  # --reassembly gaps
         self._baseline: dict[str, Any] | None = None
         self._eval_ids: list[int] | None = None
         self._eval_reference: FullReference | None = None
@@ -123,6 +128,84 @@ class Reassembler:
         }
         self.checkpoints.append(record)
         return record
+
+    def evaluate_gaps(self, arrival: int, fragments: list[int]) -> dict[str, Any]:
+        """Every arrived decoder layer in layer order, the missing ones skipped, renumbered
+        0..m-1 on a copy of the live model's non-layer parts: the live model is not touched."""
+        t0 = time.perf_counter()
+        if self.live.model is None:
+            raise ValueError("a gapped model needs fragment 0's model loaded first")
+        per_layer: dict[int, dict[str, torch.Tensor]] = {}
+        for index in fragments:
+            path = self.box.resolve(f"{committed_dir(index)}/{WEIGHTS_FILE}")
+            with safe_open(str(path), framework="pt") as fh:
+                for name in fh.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                    layer = layer_of(name)
+                    if layer is None:
+                        continue
+                    cut = name.index(f"layers.{layer}.") + len(f"layers.{layer}.")
+                    per_layer.setdefault(layer, {})[name[cut:]] = fh.get_tensor(name)
+        layers = sorted(per_layer)
+        live_layers = self.live.decoder_layers
+        # The copy shares nothing with the live model; its decoder layers are not copied at all.
+        model = copy.deepcopy(self.live.model, memo={id(live_layers): torch.nn.ModuleList()})
+        config = model.config
+        config.num_hidden_layers = len(layers)
+        full_types = self.plan.model["config"].get("layer_types")
+        if isinstance(full_types, list):
+            config.layer_types = [full_types[i] for i in layers]
+        layer_cls = type(live_layers[0])
+        decoder = getattr(model, model.base_model_prefix).layers
+        for new_index, original in enumerate(layers):
+            with torch.device("meta"):
+                module = layer_cls(config, new_index)
+            module.load_state_dict(per_layer.pop(original), strict=True, assign=True)
+            module.eval()
+            decoder.append(module)
+        t1 = time.perf_counter()
+        try:
+            record = self._measure(model, t1 - t0)
+        finally:
+            del model, decoder
+        missing = [i for i in range(len(self.plan.fragments)) if i not in fragments]
+        record = {
+            "arrival": arrival,
+            "layers": layers,
+            "num_layers": len(layers),
+            "fragments": sorted(fragments),
+            "ranges": [self.plan.fragments[i].label for i in sorted(fragments)],
+            "missing": [self.plan.fragments[i].label for i in missing],
+            "missing_fragments": missing,
+            **record,
+        }
+        self.gap_checkpoints.append(record)
+        return record
+
+    def _measure(self, model: Any, load_s: float) -> dict[str, Any]:
+        """A checkpoint's measurements of a model that shares the live model's tokenizer."""
+        tokenizer, base = self.live.tokenizer, self.baseline
+        gen = generate(model, tokenizer, self.settings.prompt, self.settings.max_new_tokens)
+        t3 = time.perf_counter()
+        ids = prompt_ids(tokenizer, self.settings.prompt)[0].tolist()
+        logits = sequence_logits(model, ids + base["tokens"])
+        t4 = time.perf_counter()
+        quality = text_quality(sequence_logits(model, self.eval_ids), self.eval_ids, self.eval_reference)
+        probe = prompt_ids(tokenizer, self.settings.options.probe)[0].tolist()
+        hidden_states = residual_stream_stats(model, probe)
+        t5 = time.perf_counter()
+        return {
+            "text": gen.text,
+            "tokens": gen.tokens,
+            "label": gen.label,
+            **agreement(gen.tokens, base["tokens"]),
+            **divergence(logits, base["logits"]["sequence"]),
+            "generate_s": round(gen.seconds, 6),
+            "load_s": round(load_s, 6),
+            "score_s": round(t4 - t3, 6),
+            "quality_s": round(t5 - t4, 6),
+            "quality": quality,
+            "hidden_states": hidden_states,
+        }
 
     def final_check(self, store: FragmentStore) -> dict[str, Any]:
         """Every promoted byte re-hashed against the plan, the prompt's logits and the last

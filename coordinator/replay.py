@@ -159,6 +159,9 @@ def replay_core(plan: Plan, lines: list[Line], replay: Replay) -> Core | None:
     return core
 
 
+_GAP_KEYS = ("arrival", "layers", "fragments", "missing", "text", "tokens", "label")
+
+
 def rebuild(plan: Plan, core: Core | None, coordinator: list[Line]) -> dict[str, Any]:
     last_start = max(i for i, ln in enumerate(coordinator) if ln.data.get("event") == E.PROCESS_START)
     segment = [ln.data for ln in coordinator[last_start:]]
@@ -171,6 +174,7 @@ def rebuild(plan: Plan, core: Core | None, coordinator: list[Line]) -> dict[str,
         for d in segment
         if d.get("event") == E.CHECKPOINT_EVALUATED
     ]
+    gap_checkpoints = [{k: d.get(k) for k in _GAP_KEYS} for d in segment if d.get("event") == E.GAP_EVALUATED]
     finished = next((d for d in segment if d.get("event") == E.RUN_FINISHED), None)
     final = None
     if finished is not None:
@@ -184,6 +188,7 @@ def rebuild(plan: Plan, core: Core | None, coordinator: list[Line]) -> dict[str,
         "plan_digest": plan.digest,
         "arrivals": arrivals,
         "checkpoints": checkpoints,
+        "gap_checkpoints": gap_checkpoints,
         "fragments": core.fragment_stats() if core else None,
         "final": final,
     }
@@ -210,6 +215,13 @@ def compare(rebuilt: dict[str, Any], results: dict[str, Any], replay: Replay) ->
             break
     if len(rebuilt["checkpoints"]) != len(recorded_ck):
         differ("number of checkpoints", len(rebuilt["checkpoints"]), len(recorded_ck))
+    recorded_gaps = [{k: g.get(k) for k in _GAP_KEYS} for g in results.get("gap_checkpoints", [])]
+    for mine, theirs in zip(rebuilt["gap_checkpoints"], recorded_gaps, strict=False):
+        if mine != theirs:
+            differ(f"gap checkpoint after arrival {mine['arrival']}", mine, theirs)
+            break
+    if len(rebuilt["gap_checkpoints"]) != len(recorded_gaps):
+        differ("number of gap checkpoints", len(rebuilt["gap_checkpoints"]), len(recorded_gaps))
     if rebuilt["fragments"] != results["fragments"]:
         for mine, theirs in zip(rebuilt["fragments"] or [], results["fragments"], strict=False):
             if mine != theirs:
@@ -264,6 +276,11 @@ def tell(files: dict[str, list[Line]], plan: Plan, replay: Replay) -> None:
             text = (
                 f"checkpoint {d['checkpoint']}: {d['layers']} layers, {d['label']}, "
                 f"{d['agree_tokens']} tokens = baseline, generate {d['generate_s']:.3f}s: {d['text']!r}"
+            )
+        elif ev == E.GAP_EVALUATED:
+            text = (
+                f"gap checkpoint after arrival {d['arrival']}: {d['num_layers']} layers {d['layers']} "
+                f"(missing {', '.join(d['missing'])}), {d['label']}: {d['text']!r}"
             )
         elif ev == E.AUTH_DENIED:
             text = f"CURVE handshake refused: key {str(d.get('key'))[:12]}… is not in the plan"

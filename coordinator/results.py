@@ -58,6 +58,7 @@ def build_results(
     arrivals: list[dict[str, Any]],
     checkpoints: list[dict[str, Any]],
     final: dict[str, Any],
+    gap_checkpoints: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     return {
         "run": {
@@ -78,6 +79,7 @@ def build_results(
         "fragments": fragments,
         "arrivals": arrivals,
         "checkpoints": checkpoints,
+        "gap_checkpoints": list(gap_checkpoints or []),
         "final": final,
         "final_matches_baseline": bool(final.get("final_matches_baseline", False)),
     }
@@ -194,6 +196,7 @@ def render_markdown(r: dict[str, Any]) -> str:
         "",
     ]
     out += ["## Checkpoints", "", table(CHECKPOINT_HEADERS, checkpoint_rows(r)), ""]
+    out += gap_section(r)
     out += quality_section(r)
     out += [
         "## Checkpoint timings (seconds)",
@@ -262,6 +265,46 @@ def render_markdown(r: dict[str, Any]) -> str:
         "",
     ]
     return "\n".join(out)
+
+
+def gap_section(r: dict[str, Any]) -> list[str]:
+    """--reassembly gaps: after an arrival that left holes, every arrived layer, holes skipped."""
+    gaps = r.get("gap_checkpoints") or []
+    if not gaps:
+        return []
+    n = len(r["baseline"]["tokens"])
+    rows = [
+        [
+            g["arrival"],
+            _layer_list(g["layers"]),
+            ",".join(g["missing"]),
+            g["label"],
+            f"{g['agree_tokens']}/{n}",
+            g["kl_to_baseline"],
+            _num(g.get("quality", {}).get("ppl"), ".4g"),
+            f"{g['generate_s']:.3f}",
+            repr(g["text"]),
+        ]
+        for g in gaps
+    ]
+    headers = ["arrival", "layers present", "missing", *CHECKPOINT_HEADERS[3:]]
+    return [
+        "## Gap checkpoints (every arrived layer, missing ones skipped)",
+        "",
+        table(headers, rows),
+        "",
+    ]
+
+
+def _layer_list(layers: list[int]) -> str:
+    """[0, 1, 4, 5] as '0-1,4-5'."""
+    runs: list[list[int]] = []
+    for i in layers:
+        if runs and runs[-1][-1] == i - 1:
+            runs[-1].append(i)
+        else:
+            runs.append([i])
+    return ",".join(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]) for run in runs)
 
 
 def quality_section(r: dict[str, Any]) -> list[str]:

@@ -107,6 +107,8 @@ class CoordinatorServer:
         self.outcome: Finish | None = None
         self.exit_code = RunExit.FAILED
         self.arrivals: list[dict[str, Any]] = []
+        self.arrived: set[int] = set()  # every fragment an Arrival reported (deterministic from the log)
+        self._gaps_due: list[tuple[Arrival, list[int]]] = []  # --reassembly gaps jobs of the current step
         self._reported: dict[int, int] = {}
         self._reassembler = Background(self._build_reassembler, "import-torch")
         # Off the receive loop: read-back verification, and the model (reassembly, evaluation, verdict).
@@ -304,6 +306,7 @@ class CoordinatorServer:
                 self._carry_out(action, event)
             except SandboxError as exc:
                 self._storage_failure(action, exc)
+        self._submit_gaps()  # after this step's prefix evaluation: the model worker keeps arrival order
 
     def _storage_failure(self, action: Action, exc: SandboxError) -> None:
         """Disk full, quota or permissions: stop cleanly. Promoted fragments are whole files that
@@ -347,6 +350,10 @@ class CoordinatorServer:
                        ranges=[self.plan.fragments[i].label for i in action.prefix])  # fmt: skip
             self.arrivals.append(row)
             self.progress(link.ARRIVAL, **row)
+            self.arrived.add(action.fragment)
+            holes = 0 in self.arrived and self.arrived != set(action.prefix)
+            if holes and self.run_settings.options.reassembly == "gaps":
+                self._gaps_due.append((action, sorted(self.arrived)))
         elif isinstance(action, Reassemble):
             self.faults.before_evaluation(self._received())
             self.modeller.submit("evaluate", action, functools.partial(self._evaluate, action))
@@ -361,6 +368,7 @@ class CoordinatorServer:
             self.pids.pop(action.peer, None)
             self.log.info(E.PEER_BAN, **action.to_dict())
         elif isinstance(action, Finish):
+            self._submit_gaps()
             self._finish(action)
 
     def _welcomed(self, action: Send, hello: Hello) -> None:
@@ -381,6 +389,12 @@ class CoordinatorServer:
             link.HELLO, fragment=fragment, pid=pid, attempt=state.attempts, received=state.received_bytes, total=total
         )
         self.faults.agent_progress(fragment, state.received_bytes, total, pid)
+
+    def _submit_gaps(self) -> None:
+        for arrival, fragments in self._gaps_due:
+            job = functools.partial(self.reassembler.evaluate_gaps, arrival.index, fragments)
+            self.modeller.submit("gaps", arrival, job)
+        self._gaps_due.clear()
 
     def _evaluate(self, action: Reassemble) -> dict[str, Any]:
         return self.reassembler.reassemble(action)
@@ -416,6 +430,8 @@ class CoordinatorServer:
             record = done.value
             self.log.info(E.CHECKPOINT_EVALUATED, **record, started_mono=round(done.started, 6))
             self.progress(link.CHECKPOINT, **{k: v for k, v in record.items() if k != "tokens"})
+        elif done.tag == "gaps":
+            self.log.info(E.GAP_EVALUATED, **done.value, started_mono=round(done.started, 6))
         elif done.tag == "finish":
             self._conclude(done.key, done.value)
 
@@ -430,6 +446,7 @@ class CoordinatorServer:
             fragments=self.core.fragment_stats(),
             arrivals=self.arrivals,
             checkpoints=reassembler.checkpoints,
+            gap_checkpoints=reassembler.gap_checkpoints,
             final=final,
         )
         write_results(self.box, results)

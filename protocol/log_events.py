@@ -18,6 +18,7 @@ FRAGMENT_VERIFIED = "fragment.verified"
 FRAGMENT_PROMOTED = "fragment.promoted"
 PREFIX_ARRIVAL = "prefix.arrival"
 CHECKPOINT_EVALUATED = "checkpoint.evaluated"
+GAP_EVALUATED = "checkpoint.gaps_evaluated"  # --reassembly gaps: every arrived layer, holes skipped
 RUN_FINISHED = "run.finished"
 STORAGE_ERROR = "storage.error"
 AUTH_DENIED = "auth.denied"

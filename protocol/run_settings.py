@@ -55,6 +55,7 @@ class RunOptions:
     quota_bytes: int | None = None
     curve: bool = True
     insecure: bool = False  # allow --no-curve on a non-loopback address
+    reassembly: str = "prefix"  # "gaps": also evaluate every arrived layer, holes skipped
 
 
 _OPTION_NAMES = frozenset(f.name for f in fields(RunOptions))

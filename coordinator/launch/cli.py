@@ -70,6 +70,13 @@ def _simulate_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
     p.add_argument(
         "--threads", type=int, default=d.threads, help="torch threads in baseline and coordinator (must match)"
     )
+    p.add_argument(
+        "--reassembly",
+        default=d.reassembly,
+        metavar="prefix|gaps",
+        help="prefix: evaluate the longest contiguous prefix (default); gaps: also, while layers are missing, "
+        "every arrived layer in order with the holes skipped",
+    )
     p.add_argument("--run-dir", help="run directory (default artifacts/runs/<run id>)")
     p.add_argument("--artifacts", default=d.artifacts, help="artifacts root (default ./artifacts)")
     p.add_argument(

@@ -15,6 +15,7 @@ from sandbox import Sandbox
 
 SimulateOptions = RunOptions  # `fragsim simulate`'s options are the run's options (one definition)
 DTYPES = ("float32", "bfloat16")
+REASSEMBLIES = ("prefix", "gaps")
 
 
 @dataclass
@@ -66,6 +67,8 @@ def check_options(opts: SimulateOptions) -> None:
         raise PlanError("--connect-timeout", opts.connect_timeout, "seconds > 0")
     if opts.resume and opts.kill_coordinator is None:
         raise PlanError("--resume", True, "--kill-coordinator too (--resume restarts the coordinator it kills)")
+    if opts.reassembly not in REASSEMBLIES:
+        raise PlanError("--reassembly", opts.reassembly, f"one of {', '.join(REASSEMBLIES)}")
     if opts.dtype is not None and opts.dtype not in DTYPES:
         raise PlanError("--dtype", opts.dtype, f"one of {', '.join(DTYPES)}")
     host = check_bind(opts.bind)
