@@ -241,8 +241,13 @@ def test_disk_full_is_reported_and_loses_nothing_promoted(tiny_model: Path, tmp_
         from coordinator.launch.options import SimulateOptions
         from coordinator.launch.simulate import run_quietly
 
+        # A short eval text keeps the baseline's eval logits small, so the disk fills while the
+        # coordinator stores fragments, not while the launcher records the baseline.
+        short = tmp_path / "eval.txt"
+        short.write_text("The rain stopped at noon, and the people of the town came out to walk along the "
+                         "wet streets by the water before the evening wind came up again.\n")  # fmt: skip
         opts = SimulateOptions(model=str(tiny_model), run_dir=str(disk / "run"), threads=1, fragments=3,
-                               order="forward", piece_size=4096)  # fmt: skip
+                               order="forward", piece_size=4096, eval_text=str(short))  # fmt: skip
         code, _, _, output = run_quietly(opts, tiny_model)
     finally:
         log = (disk / "run/logs/coordinator.jsonl").read_text()
