@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: venv prepare simulate chaos chaos-soak replay bench ablate sweep lint test test-fast clean-runs
+.PHONY: venv prepare simulate chaos chaos-soak replay report bench ablate sweep lint browser test test-fast clean-runs
 
 # The documented fault-injection default: two agents SIGKILLed at different points and
 # respawned, and the coordinator SIGKILLed at 60% of all bytes and resumed from the sandbox.
@@ -57,13 +57,28 @@ sweep: $(STAMP)
 replay: $(STAMP)
 	$(PY) -m coordinator.launch replay $(RUN) $(ARGS)
 
+# One HTML page of figures for a run directory, a sweep directory or an ablation JSON (several: ARGS=--out FILE).
+report: $(STAMP)
+	$(PY) -m coordinator.launch report $(RUN) $(ARGS)
+
 # ruff (lint + format) and mypy (strict on protocol/, sandbox/ and the core): configured in pyproject.toml.
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
 
-test: $(STAMP)
+# Debian's Chromium for the report's browser test, when it is missing and this can install it
+# (root with apt-get, as CI runs); otherwise the test skips and says why, citing this log.
+CHROMIUM_LOG := $(VENV)/chromium-install.log
+browser: $(STAMP)
+	@if command -v chromium >/dev/null 2>&1; then rm -f $(CHROMIUM_LOG); \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		echo "installing Debian's chromium for the browser test (log: $(CHROMIUM_LOG))"; \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) >$(CHROMIUM_LOG) 2>&1 \
+			&& rm -f $(CHROMIUM_LOG) || echo "chromium could not be installed: see $(CHROMIUM_LOG); the browser test will skip"; \
+	else echo "not root or no apt-get: chromium not installed; the browser test will skip" | tee $(CHROMIUM_LOG); fi
+
+test: browser
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # Everything but the real-model end-to-end test.

@@ -9,7 +9,7 @@ artifacts/runs/<run_id>/            one run = one sandbox: the coordinator write
   quorum/fragment_KK/               promoted fragments (one atomic rename)
   quarantine/                       promoted fragments that failed re-verification on resume
   reassembled/checkpoint_KK/        snapshots stock from_pretrained loads
-  results.json  results.md  launcher.json
+  results.json  results.md  launcher.json  report.html (figures: fragsim report)
   logs/coordinator.jsonl  logs/agent_KK.jsonl  (+ .stderr)
 """
 
@@ -22,6 +22,7 @@ RUN_SETTINGS = "run.json"
 RESULTS_JSON = "results.json"
 RESULTS_MD = "results.md"
 LAUNCHER_JSON = "launcher.json"
+REPORT_HTML = "report.html"
 # A copy, so the run is self-contained: baseline, coordinator and a resume score the same text.
 EVAL_TEXT = "eval_text.txt"
 

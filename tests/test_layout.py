@@ -51,8 +51,13 @@ def ours(name: str, known: dict[str, Path]) -> str | None:
     return None
 
 
+# Outside the running coordinator: the launcher, the experiments and the report (a reader of
+# finished runs' records).
+NOT_SERVICE = ("coordinator.launch", "coordinator.lab", "coordinator.report")
+
+
 def is_service(module: str) -> bool:
-    return module.startswith("coordinator") and not module.startswith(("coordinator.launch", "coordinator.lab"))
+    return module.startswith("coordinator") and not module.startswith(NOT_SERVICE)
 
 
 def test_agents_never_import_the_coordinator() -> None:
@@ -62,10 +67,18 @@ def test_agents_never_import_the_coordinator() -> None:
             assert not bad, f"{module} imports {sorted(bad)}"
 
 
-def test_the_service_never_imports_the_launcher_or_the_experiments() -> None:
+def test_the_service_never_imports_the_launcher_the_experiments_or_the_report() -> None:
     for module, path in modules().items():
         if is_service(module):
-            bad = {n for n in imports_of(path) if n.startswith(("coordinator.launch", "coordinator.lab"))}
+            bad = {n for n in imports_of(path) if n.startswith(NOT_SERVICE)}
+            assert not bad, f"{module} imports {sorted(bad)}"
+
+
+def test_the_report_reads_records_without_torch_or_the_launcher() -> None:
+    for module, path in modules().items():
+        if module.startswith("coordinator.report"):
+            bad = {n for n in imports_of(path) if n.split(".")[0] in ("torch", "transformers")}
+            bad |= {n for n in imports_of(path) if n.startswith(("coordinator.launch", "coordinator.lab"))}
             assert not bad, f"{module} imports {sorted(bad)}"
 
 

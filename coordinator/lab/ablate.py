@@ -30,27 +30,13 @@ from rich.table import Table
 from coordinator.evaluate import sequence_logits, set_determinism
 from coordinator.launch.terminal import wide_console
 from coordinator.quality import DEFAULT_EVAL_TEXT, eval_ids, perplexity, read_eval_text, token_cross_entropy
+from coordinator.report.seeds import CRITICAL_CORE, MAGNITUDE_FACTOR, PAPER_ANTI_LAYERS, PAPER_MAX_CHANGE_PCT, SEED_001
 from protocol.errors import PlanError
 from protocol.run_settings import DEFAULT_THREADS
 
 DEFAULT_OUT = Path("artifacts/ablation.json")
 DEFAULT_BLOCKS = (1, 2, 4)
 TOP = 10  # rows of the most-damaging table
-
-# Seed 001's claims about single-layer ablation of SmolLM2-135M (30 layers).
-SEED_001: dict[str, Any] = {
-    "seed": "001_473de6a743a50867",
-    "title": "Anatomical Heterogeneity in Transformer Language Models",
-    "author": "Wietrzykowski, Tomasz",
-    "url": "https://arxiv.org/abs/2603.19348",
-    "model": "SmolLM2-135M, 30 layers",
-}
-CRITICAL_CORE = (8, 9, 10, 11)
-PAPER_MAX_CHANGE_PCT = 63_419.0
-PAPER_ANTI_LAYERS = (14, 17)
-# "~+63,419 %": the paper's evaluation text is not ours, so a perplexity ratio within this
-# factor of the paper's (either way) counts as the same magnitude.
-MAGNITUDE_FACTOR = 2.0
 
 PER_LAYER_CONFIG_LISTS = ("layer_types", "mlp_layer_types")
 
@@ -382,6 +368,10 @@ def ablate(
     out.write_text(json.dumps(summary, indent=1, allow_nan=False) + "\n")
     show(summary, console)
     console.print(f"figures -> {out} ({summary['seconds']:.1f}s, {measured_s:.1f}s of forward passes)")
+    from coordinator.report.build import write_report
+
+    written = write_report([out])
+    console.print(f"report: {written.path} ({written.figures} figures, {written.seconds:.2f}s)")
     return summary
 
 

@@ -615,6 +615,10 @@ def sweep(
         )
     verdict = "[green]ok[/]" if summary["ok"] else "[bold red]NOT OK[/]"
     console.print(f"sweep {verdict}: {len(records)} runs in {summary['seconds']} s -> {out / 'sweep.json'}")
+    from coordinator.report.build import write_report
+
+    written = write_report([out])
+    console.print(f"report: {written.path} ({written.figures} figures, {written.seconds:.2f}s)")
     return summary
 
 

@@ -242,6 +242,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, help="torch threads (default: the run default)")
     p.add_argument("--out", default="artifacts/sweep", help="sweep.json, sweep.md and runs/ (default artifacts/sweep)")
 
+    p = sub.add_parser(
+        "report",
+        help="one HTML page of figures and tables for runs, sweeps and ablations",
+        description="Write a self-contained HTML report (inline SVG figures, no scripts, no network). "
+        "Example: fragsim report artifacts/runs/RUN_ID; fragsim report artifacts/sweep artifacts/ablation.json "
+        "--out paper.html. Exit statuses: 0 written, 2 bad input.",
+    )
+    p.add_argument(
+        "targets",
+        nargs="+",
+        metavar="RUN_DIR|SWEEP_DIR|ABLATION_JSON",
+        help="a run directory, a sweep directory (sweep.json) or an ablation JSON (fragsim ablate); "
+        "several make one page",
+    )
+    p.add_argument(
+        "--out",
+        help="the HTML file (default: report.html in a run or sweep directory, NAME.html beside an ablation JSON; "
+        "required with several inputs)",
+    )
+
     p = sub.add_parser("serve", help="run the coordinator for an existing run directory (started by simulate)")
     p.add_argument("--run-dir", required=True)
     p.add_argument("--bind", default=DEFAULT_BIND, help="endpoint to bind (default loopback, free port)")
@@ -356,6 +376,12 @@ def _run(args: argparse.Namespace) -> int:
         summary = outside_kills(model, args.runs, args.seed, Path(args.out), Path(args.runs_dir),
                                 max_new_tokens=args.max_new_tokens)  # fmt: skip
         return 0 if summary["bit_exact"] == summary["runs"] and not summary["hangs"] + summary["orphans"] else 1
+    if args.command == "report":
+        from coordinator.report.build import write_report
+
+        written = write_report([Path(t) for t in args.targets], Path(args.out) if args.out else None)
+        print(f"report: {written.path} ({written.figures} figures, {written.tables} tables, {written.seconds:.2f}s)")
+        return 0
     if args.command == "serve":
         from coordinator.server import serve
 

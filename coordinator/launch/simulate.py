@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import secrets
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -81,9 +82,15 @@ def store_eval_text(box: Sandbox, opts: SimulateOptions) -> None:
 
 
 def execute_run(
-    opts: SimulateOptions, run: PreparedRun, console: Console, *, with_baseline: bool = True
+    opts: SimulateOptions,
+    run: PreparedRun,
+    console: Console,
+    *,
+    with_baseline: bool = True,
+    prefetch_report: bool = False,
 ) -> tuple[int, dict[str, Any] | None]:
-    """Start the coordinator, record the baseline, launch agents in order; (exit code, results)."""
+    """Start the coordinator, record the baseline, launch agents in order; (exit code, results).
+    `prefetch_report`: import the report's modules while the agents stream."""
     faults = run_faults(opts, len(run.plan.fragments))
     driver = Driver(opts, run, console, faults)
     launched = time.time()
@@ -118,6 +125,8 @@ def execute_run(
             )
         else:
             driver.await_ready()
+        if prefetch_report:  # after the baseline: torch's import and matplotlib's never overlap
+            import_report_in_background()
         with LiveView(console, run.plan) as view:
             driver.view = view
             outcome = driver.drive()
@@ -171,9 +180,10 @@ def resume_run(run_dir: Path, console: Console | None = None, *, respawn: bool =
         return RunExit.OK
     run = PreparedRun(run_dir.resolve(), box, plan, saved.order, Path(saved.source_dir))
     console.print(f"resuming run [bold]{plan.run_id}[/] in {run.run_dir}")
-    code, results = execute_run(opts, run, console, with_baseline=False)
+    code, results = execute_run(opts, run, console, with_baseline=False, prefetch_report=True)
     if results is not None:
         print_summary(console, results, run.run_dir)
+    write_run_report(run, console)
     return code
 
 
@@ -196,6 +206,35 @@ def run_quietly(opts: SimulateOptions, model: Path) -> tuple[int, dict[str, Any]
     return code, results, run, buffer.getvalue()
 
 
+def import_report_in_background() -> None:
+    """matplotlib takes about a second to import: do it, niced, while the agents stream, so
+    writing the report at the end costs only the drawing."""
+
+    def run() -> None:
+        from coordinator.workers import MODEL_NICENESS, lower_priority
+
+        lower_priority(MODEL_NICENESS)
+        import coordinator.report.build  # noqa: F401
+
+    threading.Thread(target=run, name="import-report", daemon=True).start()
+
+
+def write_run_report(run: PreparedRun, console: Console) -> None:
+    """report.html in the run directory; its time goes into launcher.json as report_s."""
+    from coordinator.report.build import write_report
+
+    try:
+        written = write_report([run.run_dir])
+    except Exception as exc:  # the run's verdict stands without its figures; say why they are missing
+        console.print(f"[yellow]report not written[/]: {type(exc).__name__}: {escape(str(exc))}")
+        return
+    if run.box.exists(layout.LAUNCHER_JSON):
+        record = json.loads(run.box.read_bytes(layout.LAUNCHER_JSON))
+        record["report_s"] = written.seconds
+        run.box.write_json(layout.LAUNCHER_JSON, record)
+    console.print(f"report: {written.path} ({written.figures} figures, {written.seconds:.2f}s)")
+
+
 def run_simulation(opts: SimulateOptions, console: Console | None = None) -> int:
     console = console or wide_console()
     source_dir, model_name = resolve_source(opts, console)
@@ -207,7 +246,8 @@ def run_simulation(opts: SimulateOptions, console: Console | None = None) -> int
         f"{run.plan.nbytes / 1e6:.1f} MB, digest {run.plan.digest[:16]}… "
         f"({time.perf_counter() - started:.2f}s); launch order {run.order}"
     )
-    code, results = execute_run(opts, run, console)
+    code, results = execute_run(opts, run, console, prefetch_report=True)
     if results is not None:
         print_summary(console, results, run.run_dir)
+    write_run_report(run, console)
     return code

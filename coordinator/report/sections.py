@@ -1,0 +1,625 @@
+"""What the report says about each kind of input: a run, a sweep, an ablation.
+
+Each `*_sections` function adds headed sections to a Page from the input's own JSON (and, for
+a run, its logs); none re-measures anything. Anchors carry a prefix so several inputs can
+share one page.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+from coordinator.report import figures as F
+from coordinator.report import seeds
+from coordinator.report import timeline as T
+from coordinator.report.page import Page
+from coordinator.report.sources import AblationSource, RunSource, SweepSource
+
+
+def _fmt(value: Any, spec: str = ".4g") -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return format(value, spec)
+
+
+def _completion(text: Any, limit: int = 60) -> str:
+    shown = repr(text)
+    return shown if len(shown) <= limit else shown[: limit - 1] + "…"
+
+
+# ---- a run ---------------------------------------------------------------------------------
+
+
+def run_title(src: RunSource) -> tuple[str, str]:
+    r = src.results
+    if r is None:
+        return f"fragsim run {src.run_dir.name}", "the run has no results.json yet (it did not finish)"
+    run, model = r["run"], r["run"]["model"]
+    lede = (
+        f"{model['name']}: {model['num_layers']} layers, {model['num_parameters']:,} parameters, {model['dtype']}; "
+        f"{len(run['ranges'])} fragments {', '.join(run['ranges'])}; launch order {run.get('order')}, "
+        f"arrival order {run.get('arrival_order')}."
+    )
+    return f"fragsim run {run['run_id']}", lede
+
+
+def run_sections(page: Page, src: RunSource, prefix: str = "run") -> None:
+    r = src.results
+    page.section(f"{prefix}-summary", "Run")
+    if r is None:
+        page.verdict(
+            f"{src.run_dir}: no results.json, so the run did not finish (the coordinator was killed, or is still "
+            f"running). Its logs are drawn below; `fragsim resume {src.run_dir}` finishes it.",
+            good=False,
+        )
+        _timeline_section(page, src, prefix)
+        return
+    final = r["final"]
+    exact = bool(r.get("final_matches_baseline"))
+    if exact:
+        page.verdict(
+            f"The final checkpoint is bit-identical to the source: {final.get('tensors_checked')} tensor digests in "
+            f"{final.get('files_checked')} files match the plan, logits max |Δ| = {final.get('logits_max_abs_diff')} "
+            f"over {final.get('logits_positions')} positions, greedy tokens identical.",
+            good=True,
+        )
+    elif not final.get("complete"):
+        page.verdict(
+            f"Incomplete: fragments {', '.join(final.get('missing_ranges') or [])} never arrived; the longest prefix "
+            f"was evaluated. `fragsim resume {src.run_dir}` can finish it from the staged pieces.",
+            good=False,
+        )
+    else:
+        page.verdict(
+            f"The final checkpoint does NOT match the source: tensor digests {final.get('tensor_digests_match')}, "
+            f"logits max |Δ| {final.get('logits_max_abs_diff')}, tokens identical {final.get('tokens_identical')}.",
+            good=False,
+        )
+    run, base = r["run"], r["baseline"]
+    launcher = src.launcher or {}
+    kills = launcher.get("kills") or []
+    transfer = [f["transfer_s"] for f in r["fragments"] if f.get("transfer_s")]
+    page.facts(
+        [
+            ("model", f"{run['model']['name']} ({run['model'].get('source_dir', '')})"),
+            ("prompt", f"{run['prompt']!r}, {run['max_new_tokens']} greedy tokens, {run['threads']} threads"),
+            ("baseline completion", f"{base['text']!r} ({base['seconds']:.2f} s)"),
+            ("eval text", f"{base.get('quality', {}).get('tokens', '–')} scored positions"),
+            ("transport", "ZeroMQ with CURVE" if run.get("curve", True) else "ZeroMQ without CURVE"),
+            ("faults", ", ".join(_kill_text(k) for k in kills) or "none"),
+            ("coordinator resumes", launcher.get("resumes", 0)),
+            ("fragment transfer", f"{sum(transfer):.2f} s in all" if transfer else "–"),
+        ]
+    )
+    _quality_section(page, r, prefix, src.vocab_size)
+    _latency_section(page, r, prefix)
+    _timeline_section(page, src, prefix)
+    _residual_section(page, r, prefix)
+    _census_section(page, r, prefix)
+
+
+def _kill_text(kill: dict[str, Any]) -> str:
+    if kill.get("target") == "coordinator":
+        return f"coordinator SIGKILLed at {kill.get('at')} of all bytes"
+    return f"agent {kill.get('fragment')} SIGKILLed at {kill.get('fraction')} of its bytes"
+
+
+def checkpoint_points(checkpoints: Sequence[dict[str, Any]], layers_key: str = "layers") -> list[dict[str, Any]]:
+    return [
+        {"layers": c[layers_key], **{k: c["quality"].get(k) for k in ("ce", "kl", "top1")}}
+        for c in checkpoints
+        if isinstance(c.get("quality"), dict)
+    ]
+
+
+def _quality_section(page: Page, r: dict[str, Any], prefix: str, vocab_size: int | None) -> None:
+    checkpoints = r["checkpoints"]
+    points = checkpoint_points(checkpoints)
+    if not points:
+        return
+    page.section(f"{prefix}-quality", "Quality against active layers")
+    num_layers = int(r["run"]["model"]["num_layers"])
+    gaps = checkpoint_points(r.get("gap_checkpoints") or [], "num_layers")
+    fig = F.quality_curve(
+        [{"label": "contiguous prefix (this run)", "points": points}],
+        num_layers=num_layers,
+        vocab_size=vocab_size,
+        full=r["baseline"].get("quality"),
+        gaps=gaps,
+    )
+    tokens = r["baseline"].get("quality", {}).get("tokens")
+    page.figure(
+        f"{prefix}-quality",
+        F.to_svg(fig),
+        f"Each checkpoint of this run (one marker per arrival that grew the prefix) scored teacher-forced on the "
+        f"held-out eval text ({tokens} positions): next-token cross-entropy in nats/token, "
+        f"KL(full model ‖ checkpoint) in nats per position, and the share of positions whose argmax equals the full "
+        f"model's. A truncated model applies the final norm and the head after its last active layer (the logit "
+        f"lens). Dotted: ln V, the cross-entropy of a uniform guess and the largest KL a uniform guess can have."
+        + (" Hollow diamonds: every arrived layer with the missing ones skipped (--reassembly gaps)." if gaps else ""),
+    )
+    # Seed 000 is about a 30-layer model: its rows mean something only beside one as deep.
+    seed_applies = num_layers == seeds.SEED_000["checkpoints"][-1]["layers"]
+    seed_rows = {c["layers"]: c for c in seeds.SEED_000["checkpoints"]} if seed_applies else {}
+    measured = {c["layers"]: c for c in checkpoints}
+    n_tokens = len(r["baseline"]["tokens"])
+    rows = []
+    for layers in sorted(set(seed_rows) | set(measured)):
+        s, c = seed_rows.get(layers), measured.get(layers)
+        q = (c or {}).get("quality") or {}
+        rows.append(
+            [
+                layers,
+                s["label"] if s else "",
+                _fmt(s["seconds"], ".2f") if s else "",
+                c["label"] if c else "(no checkpoint here)",
+                _fmt(c["generate_s"], ".3f") if c else None,
+                f"{c['agree_tokens']}/{n_tokens}" if c else None,
+                _fmt(q.get("ce"), ".3f"),
+                _fmt(q.get("ppl"), ".3g"),
+                _fmt(q.get("kl"), ".3f"),
+                _fmt(q.get("top1"), ".3f"),
+                _completion(c["text"]) if c else s["text"] if s else "",
+            ]
+        )
+    page.table(
+        [
+            "active layers",
+            "seed 000 label",
+            "seed 000 s",
+            "measured label",
+            "generate s",
+            "tokens = baseline",
+            "CE",
+            "PPL",
+            "KL",
+            "top-1",
+            "completion",
+        ],
+        rows,
+        caption=(
+            f"Seed 000 ({seeds.SEED_000['model']}, {', '.join(seeds.SEED_000['ranges'])}, their machine) beside "
+            "this run's checkpoints, joined on active layers. CE and KL in nats/token on the eval text."
+            if seed_applies
+            else "This run's checkpoints (seed 000's table is about a 30-layer model, so it is left out). CE and KL "
+            "in nats/token on the eval text."
+        ),
+        numeric=(0, 2, 4, 6, 7, 8, 9),
+    )
+
+
+def _latency_section(page: Page, r: dict[str, Any], prefix: str) -> None:
+    checkpoints = r["checkpoints"]
+    if not checkpoints:
+        return
+    page.section(f"{prefix}-latency", "Latency per checkpoint")
+    fig = F.latency_run(checkpoints, r["baseline"].get("seconds"))
+    page.figure(
+        f"{prefix}-latency",
+        F.to_svg(fig),
+        "Where each checkpoint's time went in this run, in seconds: writing the snapshot (hard links), loading or "
+        "growing the live model, greedy generation of the completion, and the quality metrics. One run has one "
+        "sample per checkpoint; `fragsim sweep` repeats runs and its report draws the median with a 95 % CI.",
+    )
+
+
+def _timeline_section(page: Page, src: RunSource, prefix: str) -> None:
+    tl = src.timeline
+    if not tl.spans:
+        return
+    page.section(f"{prefix}-timeline", "Timeline of agents, faults and evaluation")
+    kills, deaths, resumes = (len(tl.marks_of(k)) for k in (T.KILLED, T.DEAD, T.RESUMED))
+    restores = len(tl.marks_of(T.RESTORED))
+    page.figure(
+        f"{prefix}-timeline",
+        F.to_svg(F.timeline(tl)),
+        f"One lane per agent (every attempt of its fragment) and one for the coordinator (every process), in "
+        f"seconds since the run's first logged line. Grey: the process runs; blue: an agent streams (WELCOME to "
+        f"commit); green: the coordinator builds and scores a checkpoint. This run: {kills} SIGKILL(s), {deaths} "
+        f"agent(s) declared dead, {resumes} agent resume(s), {restores} coordinator restore(s) from the sandbox.",
+    )
+    r = src.results
+    if r is None:
+        return
+    rows = [
+        [
+            f["fragment"],
+            f["layers"],
+            f["status"],
+            _fmt(f["bytes"] / 1e6, ".2f"),
+            _fmt(f["resent_bytes"] / 1e6, ".2f"),
+            _fmt(f["duplicate_bytes"] / 1e6, ".2f"),
+            f["attempts"],
+            f["deaths"],
+            _fmt(f.get("lost_s"), ".2f"),
+            _fmt(f.get("mb_per_s"), ".1f"),
+        ]
+        for f in r["fragments"]
+    ]
+    page.table(
+        ["fragment", "layers", "status", "MB", "verified MB re-sent", "duplicate MB", "attempts", "deaths", "lost s"]
+        + ["MB/s"],
+        rows,
+        caption="Per fragment: what arrived, what a fault cost (re-sent bytes of verified pieces, duplicates, time "
+        "lost between a death and the next agent), and the transfer rate of its last attempt.",
+        numeric=(0, 3, 4, 5, 6, 7, 8, 9),
+    )
+
+
+def _residual_section(page: Page, r: dict[str, Any], prefix: str) -> None:
+    rows = r["baseline"].get("hidden_states") or []
+    if not rows:
+        return
+    page.section(f"{prefix}-residual", "Residual stream per layer")
+    reference = seeds.SEED_003["std"]
+    # Drawn only beside a model of similar depth: otherwise its 33 points would squeeze this one's.
+    comparable = len(rows) >= 0.75 * len(reference)
+    fig = F.residual(
+        rows,
+        reference=reference if comparable else (),
+        reference_label=f"seed 003 std: {seeds.SEED_003['model']} (another model)",
+    )
+    probe = r["run"].get("probe")
+    agree = _checkpoint_rows_agree(r)
+    page.figure(
+        f"{prefix}-residual",
+        F.to_svg(fig),
+        f"Std and max |a| of the full model's residual stream over the probe {probe!r} (all positions and "
+        f"dimensions), per hidden state, taken with hooks before the final norm; log scale. "
+        + (
+            "Dotted: seed 003's table for SmolLM2-360M-Instruct, a larger model, on the same probe. "
+            if comparable
+            else ""
+        )
+        + agree,
+    )
+
+
+def _checkpoint_rows_agree(r: dict[str, Any]) -> str:
+    """A prefix's residual stream is the full model's up to its depth: check it on the record."""
+    base = {row["index"]: row["std"] for row in r["baseline"].get("hidden_states") or []}
+    worst = 0.0
+    compared = 0
+    for c in r["checkpoints"]:
+        for row in c.get("hidden_states") or []:
+            if row["index"] in base:
+                worst = max(worst, abs(row["std"] - base[row["index"]]))
+                compared += 1
+    if not compared:
+        return ""
+    return f"The checkpoints' own rows ({compared} in all) equal these up to their depth: max |Δ std| = {worst:.3g}."
+
+
+def census_parts(census: dict[str, Any], seed_applies: bool) -> list[tuple[str, int, int | None]]:
+    blocks = census.get("blocks") or []
+    n = len(blocks)
+    attention = sum(sum(b["attention"].values()) for b in blocks)
+    mlp = sum(sum(b["mlp"].values()) for b in blocks)
+    norms = sum(b["norms"] for b in blocks)
+    s = seeds.SEED_004
+
+    def seed(value: int) -> int | None:
+        return value if seed_applies else None
+
+    return [
+        ("embeddings", int(census["embeddings"]), seed(s["embeddings"])),
+        (f"attention ({n} blocks)", attention, seed(s["attention_per_block"] * s["blocks"])),
+        (f"MLP ({n} blocks)", mlp, seed(s["mlp_per_block"] * s["blocks"])),
+        (f"block norms ({n} blocks)", norms, seed(s["norms_per_block"] * s["blocks"])),
+        ("final norm", int(census.get("final_norm", 0)), seed(s["final_norm"])),
+        ("LM head (0 when tied)", int(census.get("lm_head", 0)), seed(s["lm_head"])),
+    ]
+
+
+def _census_section(page: Page, r: dict[str, Any], prefix: str) -> None:
+    census = r.get("census")
+    if not census:
+        return
+    page.section(f"{prefix}-census", "Parameter census")
+    s = seeds.SEED_004
+    applies = len(census.get("blocks") or []) == s["blocks"] and census.get("embeddings") == s["embeddings"]
+    parts = census_parts(census, applies)
+    page.figure(
+        f"{prefix}-census",
+        F.to_svg(F.census(parts)),
+        "Parameters per component, in millions of parameters, counted from the plan's tensor shapes and checked "
+        "against the source's bytes"
+        + (", beside seed 004's figures for SmolLM2-135M." if applies else "; seed 004 describes another model."),
+    )
+    rows = [
+        [name, f"{value:,}", f"{ref:,}" if ref is not None else "", _same(value, ref)] for name, value, ref in parts
+    ]
+    rows.append(
+        [
+            "total",
+            f"{census['total']:,}",
+            f"{s['total']:,}" if applies else "",
+            _same(census["total"], s["total"] if applies else None),
+        ]
+    )
+    page.table(
+        ["component", "measured", "seed 004", "same"],
+        rows,
+        caption=(
+            f"{census.get('tensors')} tensors, {census.get('tensor_bytes', 0):,} bytes; the count matches the bytes: "
+            f"{census.get('bytes_match')}."
+        ),
+        numeric=(1, 2),
+    )
+
+
+def _same(value: int, ref: int | None) -> str:
+    return "" if ref is None else ("yes" if value == ref else "NO")
+
+
+# ---- a sweep -------------------------------------------------------------------------------
+
+
+def sweep_title(src: SweepSource) -> tuple[str, str]:
+    s = src.sweep
+    lede = (
+        f"{s['model']}: fragment counts {s['fragments']}, orders {s['orders']}, {s['trials']} trials each, "
+        f"{s['trials_run']} runs in {s.get('seconds', 0):.0f} s."
+    )
+    return f"fragsim sweep {src.sweep_dir.name}", lede
+
+
+def _series_key(g: dict[str, Any]) -> tuple[int, str]:
+    return (int(g["fragments"]), str(g["order"]))
+
+
+def sweep_sections(page: Page, src: SweepSource, prefix: str = "sweep") -> None:
+    s = src.sweep
+    page.section(f"{prefix}-summary", "Sweep")
+    failed = s.get("trials_failed") or []
+    good = bool(s.get("ok")) and bool(s.get("determinism_ok"))
+    page.verdict(
+        f"{s['trials_run']} real runs, {len(failed)} failed; greedy tokens identical in every trial of every "
+        f"(fragments, layers): {s.get('determinism_ok')}.",
+        good=good,
+    )
+    page.paragraph(str(s.get("note", "")))
+    groups = s.get("groups") or []
+    keys = sorted({_series_key(g) for g in groups})
+    label = {k: f"{k[0]} fragments" + ("" if len(s["orders"]) == 1 else f", {k[1]}") for k in keys}
+    quality_series: list[dict[str, Any]] = []
+    latency: list[dict[str, Any]] = []
+    for k in keys:
+        rows = sorted((g for g in groups if _series_key(g) == k), key=lambda g: g["layers"])
+        points = [
+            {
+                "layers": g["layers"],
+                **{q: (g.get("quality") or {}).get(q, {}).get("value") for q in ("ce", "kl", "top1")},
+            }
+            for g in rows
+        ]
+        quality_series.append({"label": label[k], "points": points})
+        latency.append(
+            {
+                "label": label[k],
+                "points": [
+                    {
+                        "layers": g["layers"],
+                        "median": g["generate_s"]["median"],
+                        "low": g["generate_s"]["ci95_of_median"][0],
+                        "high": g["generate_s"]["ci95_of_median"][1],
+                        "n": g["generate_s"]["n"],
+                    }
+                    for g in rows
+                ],
+            }
+        )
+    num_layers = max((g["layers"] for g in groups), default=0)
+    if any(p.get("ce") is not None for series in quality_series for p in series["points"]):
+        page.section(f"{prefix}-quality", "Quality against active layers, every split")
+        page.figure(
+            f"{prefix}-quality",
+            F.to_svg(F.quality_curve(quality_series, num_layers=num_layers, vocab_size=src.vocab_size, full=None)),
+            "Every checkpoint of every split, on the held-out eval text: cross-entropy (nats/token), "
+            "KL(full ‖ checkpoint) (nats per position) and top-1 agreement with the full model. These are "
+            "deterministic, so one value stands for all trials. Dotted: ln V (a uniform guess).",
+        )
+    page.section(f"{prefix}-latency", "Generation latency with error bars")
+    page.figure(
+        f"{prefix}-latency",
+        F.to_svg(F.latency_sweep(latency)),
+        "Median greedy-generation seconds per checkpoint over the trials, with the percentile-bootstrap 95 % "
+        f"confidence interval of the median as error bars (log scale; {s['trials']} trials per split, interleaved).",
+    )
+    rows = []
+    for k in keys:
+        for g in sorted((g for g in groups if _series_key(g) == k), key=lambda g: g["layers"]):
+            gs = g["generate_s"]
+            q = g.get("quality") or {}
+            rows.append(
+                [
+                    g["fragments"],
+                    g["order"],
+                    g["layers"],
+                    _value(g.get("label")),
+                    _fmt(gs["median"], ".3f"),
+                    f"[{gs['ci95_of_median'][0]:.3f}, {gs['ci95_of_median'][1]:.3f}]",
+                    _fmt(gs.get("p95"), ".3f"),
+                    gs["n"],
+                    _fmt(q.get("ce", {}).get("value"), ".3f"),
+                    _fmt(q.get("kl", {}).get("value"), ".3f"),
+                    _fmt(q.get("top1", {}).get("value"), ".3f"),
+                    "yes" if g.get("tokens_identical") else "NO",
+                ]
+            )
+    page.table(
+        [
+            "fragments",
+            "order",
+            "layers",
+            "label",
+            "median s",
+            "95 % CI",
+            "p95 s",
+            "n",
+            "CE",
+            "KL",
+            "top-1",
+            "same tokens",
+        ],
+        rows,
+        caption="Per checkpoint (fragments, order, active layers): generation seconds over trials and the "
+        "deterministic quality figures.",
+        numeric=(0, 2, 4, 6, 7, 8, 9, 10),
+    )
+    if num_layers == seeds.SEED_000["checkpoints"][-1]["layers"]:
+        _sweep_seed_000(page, groups)
+    configs = s.get("configs") or []
+    if configs:
+        page.table(
+            ["fragments", "order", "ranges", "trials", "transfer MB/s (median)", "first checkpoint s", "verdict s"],
+            [
+                [
+                    c["fragments"],
+                    c["order"],
+                    ", ".join(c.get("ranges") or []),
+                    c["trials"],
+                    _fmt((c.get("transfer_mb_per_s") or {}).get("median"), ".1f"),
+                    _fmt((c.get("first_checkpoint_s") or {}).get("median"), ".2f"),
+                    _fmt((c.get("verdict_s") or {}).get("median"), ".2f"),
+                ]
+                for c in configs
+            ],
+            caption="Per split: median transfer rate and the times from launch to the first checkpoint and to the "
+            "verdict.",
+            numeric=(0, 3, 4, 5, 6),
+        )
+    if failed:
+        page.table(
+            ["fragments", "order", "trial", "exit code", "bit-exact", "error", "run directory"],
+            [
+                [
+                    f.get(k)
+                    for k in ("fragments", "order", "trial", "exit_code", "final_matches_baseline", "error", "run_dir")
+                ]
+                for f in failed
+            ],
+            caption="Trials that failed.",
+        )
+
+
+def _value(field: Any) -> Any:
+    """A sweep's deterministic figure is {value, identical}: the value."""
+    return field.get("value") if isinstance(field, dict) else field
+
+
+def _sweep_seed_000(page: Page, groups: Sequence[dict[str, Any]]) -> None:
+    seed_rows = []
+    four = {g["layers"]: g for g in groups if g["fragments"] == len(seeds.SEED_000["ranges"])}
+    for c in seeds.SEED_000["checkpoints"]:
+        g = four.get(c["layers"])
+        seed_rows.append(
+            [
+                c["layers"],
+                c["label"],
+                _fmt(c["seconds"], ".2f"),
+                _value(g.get("label")) if g else "(not in this sweep)",
+                _fmt(g["generate_s"]["median"], ".3f") if g else None,
+                f"[{g['generate_s']['ci95_of_median'][0]:.3f}, {g['generate_s']['ci95_of_median'][1]:.3f}]"
+                if g
+                else None,
+            ]
+        )
+    page.table(
+        ["active layers", "seed 000 label", "seed 000 s", "measured label", "median s", "95 % CI"],
+        seed_rows,
+        caption="Seed 000's checkpoint table (one run, their machine) beside this sweep's 4-fragment checkpoints.",
+        numeric=(0, 2, 4),
+    )
+
+
+# ---- an ablation ---------------------------------------------------------------------------
+
+
+def ablation_title(src: AblationSource) -> tuple[str, str]:
+    a = src.ablation
+    full = a["full"]
+    lede = (
+        f"{a['model']}: {a['num_layers']} layers, each removed in turn (and contiguous blocks of "
+        f"{', '.join(str(w) for w in a.get('block_widths', []) if w > 1) or 'no other width'}), scored on "
+        f"{a.get('text_tokens')} tokens of {a.get('text')}; full model CE {full['ce']:.4f} nats/token, PPL "
+        f"{full['ppl']:.2f}."
+    )
+    return f"fragsim ablation {src.path.stem}", lede
+
+
+def ablation_sections(page: Page, src: AblationSource, prefix: str = "ablation") -> None:
+    a = src.ablation
+    seed = a.get("seed_001") or {}
+    page.section(f"{prefix}-layers", "Layer ablation")
+    layers = a.get("layers") or []
+    blocks = a.get("blocks") or []
+    applies = a.get("num_layers") == seeds.SEED_001_LAYERS
+    fig = F.ablation(
+        layers,
+        blocks,
+        critical_core=seeds.CRITICAL_CORE if applies else (),
+        anti_layers=seeds.PAPER_ANTI_LAYERS if applies else (),
+        measured_anti=a.get("anti_layers") or [],
+    )
+    page.figure(
+        f"{prefix}-layers",
+        F.to_svg(fig),
+        "Perplexity change on the eval text, in %, when one decoder layer is removed (the rest kept, in order), "
+        "symmetric log scale (linear within ±1 %). "
+        + (
+            "Shaded: the critical core L8–L11 that seed 001 claims; arrows: its claimed anti-layers L14 and L17, "
+            "whose removal it says lowers perplexity."
+            if applies
+            else f"Seed 001's claims are about a {seeds.SEED_001_LAYERS}-layer model and are not drawn."
+        )
+        + (" Below: removing contiguous blocks, by their first layer." if blocks else ""),
+    )
+    claims = seed.get("claims") or []
+    page.table(
+        ["claim (seed 001)", "paper", "measured here", "holds"],
+        [
+            [
+                c["claim"],
+                _compact(c.get("paper")),
+                _compact(c.get("measured")),
+                {True: "yes", False: "no"}.get(c.get("holds"), "n/a"),
+            ]
+            for c in claims
+        ],
+        caption=f"Seed 001 ({seed.get('title', '')}, {seed.get('url', '')}) against this ablation: "
+        f"{seed.get('note', '')}.",
+    )
+    by_layer = {row["removed"]: row for row in layers}
+    ranking = a.get("ranking") or []
+    page.table(
+        ["rank", "removed layer", "CE", "ΔCE (nats/token)", "PPL", "PPL change %"],
+        [
+            [
+                i + 1,
+                f"L{layer}",
+                _fmt(by_layer[layer]["ce"], ".4f"),
+                _fmt(by_layer[layer]["ce_change"], "+.4f"),
+                _fmt(by_layer[layer]["ppl"], ".4g"),
+                _fmt(by_layer[layer]["ppl_change_pct"], "+,.1f"),
+            ]
+            for i, layer in enumerate(ranking)
+            if layer in by_layer
+        ],
+        caption="Every layer, most damaging first.",
+        numeric=(0, 2, 3, 4, 5),
+    )
+
+
+def _compact(value: Any) -> str:
+    if isinstance(value, dict):
+        return "; ".join(f"{k}: {_compact(v)}" for k, v in value.items())
+    if isinstance(value, list):
+        return "[" + ", ".join(_compact(v) for v in value) + "]"
+    if isinstance(value, float):
+        return f"{value:,.4g}"
+    return str(value)
