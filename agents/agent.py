@@ -9,6 +9,7 @@ resumes where a dead one stopped.
 from __future__ import annotations
 
 import os
+import sys
 import time
 from collections import deque
 from pathlib import Path
@@ -18,7 +19,9 @@ import zmq
 
 from agents.source import SourceCheckpoint
 from protocol import log_events as E
-from protocol.errors import ProtocolError
+from protocol.bundle import read_bundle
+from protocol.digest import digest
+from protocol.errors import PlanError, ProtocolError
 from protocol.eventlog import log_start, open_event_log
 from protocol.exit_codes import AgentExit
 from protocol.messages import Frame, Message, decode_from_coordinator, encode, expand_want
@@ -29,6 +32,11 @@ from sandbox import Sandbox, layout
 HEARTBEAT_S = 0.5
 WELCOME_TIMEOUT_S = 30.0
 COORDINATOR_DEAD_S = 10.0
+# An agent on another host may start before its coordinator: it keeps trying, saying so at
+# growing intervals (Paranoid Pirate's reconnect interval), until --retry-for runs out.
+RETRY_FIRST_S = 1.0
+RETRY_MAX_S = 10.0
+PROGRESS_EVERY_S = 1.0
 
 
 def configure_client(sock: zmq.Socket[Any], run_dir: Path, fragment: int, server_public: str) -> None:
@@ -39,6 +47,25 @@ def configure_client(sock: zmq.Socket[Any], run_dir: Path, fragment: int, server
 
 class SourceMismatch(ValueError):
     pass
+
+
+def verify_source(fragment: Fragment, source: SourceCheckpoint, piece_size: int) -> int:
+    """Hash every piece of the fragment in the local source against the plan's digests, before
+    a byte is sent; returns the bytes checked. A host's copy of the model is not trusted."""
+    checked = 0
+    for item in fragment.items:
+        for piece, expected in enumerate(item.pieces):
+            start, length = item.piece_span(piece, piece_size)
+            view = source.view(item.source_file, item.source_offset + start, length)
+            if digest(view) != expected:
+                raise SourceMismatch(
+                    f"{item.name} piece {piece} (bytes {start}..{start + length} of {item.source_file}) in "
+                    f"{source.directory} differs from the plan's digest {expected[:16]}…: this source is not the "
+                    f"model the run was planned from"
+                )
+            source.release(item.source_file, item.source_offset + start, length)
+            checked += length
+    return checked
 
 
 def check_source(fragment: Fragment, source: SourceCheckpoint) -> None:
@@ -73,9 +100,17 @@ class Agent:
         endpoint: str,
         *,
         log: Any,
+        keys: tuple[bytes, bytes] | None = None,
+        source_dir: Path | None = None,
+        retry_for_s: float = 0.0,
+        say: Any = None,
         heartbeat_s: float = HEARTBEAT_S,
         coordinator_dead_s: float = COORDINATOR_DEAD_S,
     ) -> None:
+        """`keys`: this agent's CURVE pair (default: from the run directory's keys/);
+        `source_dir`: this host's copy of the source (default: the plan's path);
+        `retry_for_s`: how long to keep asking a coordinator that does not answer (0: ask once);
+        `say`: where a person reads progress (None: the log only)."""
         self.run_dir = run_dir
         self.plan = plan
         if not 0 <= fragment_index < len(self.plan.fragments):
@@ -83,9 +118,12 @@ class Agent:
         self.fragment = self.plan.fragments[fragment_index]
         self.endpoint = endpoint
         self.log = log
+        self.keys = keys
+        self.retry_for_s = retry_for_s
+        self.say = say or (lambda _text: None)
         self.heartbeat_s = heartbeat_s
         self.coordinator_dead_s = coordinator_dead_s
-        self.source = SourceCheckpoint(self.plan.model["source_dir"])
+        self.source = SourceCheckpoint(source_dir or self.plan.model["source_dir"])
         check_source(self.fragment, self.source)
         self.sent_bytes = 0
         self.sent_pieces = 0
@@ -98,19 +136,52 @@ class Agent:
     def _payload(self, item_index: int, piece: int) -> memoryview:
         return self.source.view(*self._span(item_index, piece))
 
-    def run(self) -> int:
+    def _socket(self) -> zmq.Socket[Any]:
         ctx: zmq.Context[Any] = zmq.Context.instance()
-        sock = ctx.socket(zmq.DEALER)
+        sock: zmq.Socket[Any] = ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 2000)
+        if self.retry_for_s > 0:  # queue only to a completed connection (see _await_connection)
+            sock.setsockopt(zmq.IMMEDIATE, 1)
         curve = self.plan.extra.get("curve")
         if curve:  # authenticated and encrypted: the coordinator admits only the plan's agent keys
-            configure_client(sock, self.run_dir, self.fragment.index, curve["coordinator"])
+            if self.keys is None:
+                configure_client(sock, self.run_dir, self.fragment.index, curve["coordinator"])
+            else:
+                sock.curve_publickey, sock.curve_secretkey = self.keys
+                sock.curve_serverkey = curve["coordinator"].encode()
         sock.connect(self.endpoint)
+        return sock
+
+    def run(self) -> int:
+        sock = self._socket()
         try:
+            if self.retry_for_s > 0 and not self._await_connection(sock):
+                return AgentExit.NO_WELCOME
             return self._session(sock)
         finally:
             sock.close()
             self.source.close()
+
+    def _await_connection(self, sock: zmq.Socket[Any]) -> bool:
+        """Wait, saying so with growing intervals, until the coordinator accepts the connection.
+        With ZMQ_IMMEDIATE the socket is writable only then, so HELLO is sent once, to a
+        coordinator that is there: a HELLO queued for an absent one could not reach it late."""
+        deadline = time.monotonic() + self.retry_for_s
+        wait, attempt = RETRY_FIRST_S, 1
+        while not sock.poll(int(wait * 1000), zmq.POLLOUT):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                self.log.error(E.AGENT_NO_WELCOME, waited_s=round(self.retry_for_s, 3), connected=False)
+                self.say(f"no coordinator answered at {self.endpoint} within {self.retry_for_s:.0f} s; giving up")
+                return False
+            attempt += 1
+            wait = min(RETRY_MAX_S, wait * 2, left)
+            self.log.info(E.AGENT_RETRY_CONNECT, attempt=attempt, wait_s=round(wait, 3), left_s=round(left, 3))
+            self.say(
+                f"no coordinator at {self.endpoint} yet; still trying (check {attempt}, next in {wait:.0f} s, "
+                f"giving up in {left:.0f} s)"
+            )
+        return True
 
     def _hello_frames(self) -> list[Frame]:
         f = self.fragment
@@ -127,11 +198,11 @@ class Agent:
             },
         )
 
-    def _session(self, sock: zmq.Socket[Any]) -> int:
+    def _session(self, sock: zmq.Socket[Any], welcome_timeout_s: float = WELCOME_TIMEOUT_S) -> int:
         f = self.fragment
         sock.send_multipart(self._hello_frames())
         self.log.info(E.AGENT_HELLO, endpoint=self.endpoint, layers=f.label, nbytes=f.nbytes)
-        welcome = self._await_welcome(sock)
+        welcome = self._await_welcome(sock, welcome_timeout_s)
         if isinstance(welcome, AgentExit):
             return welcome
         queue: deque[tuple[int, int]] = deque(expand_want(welcome.header["want"]))
@@ -140,7 +211,13 @@ class Agent:
         self.heartbeat_s = welcome.header["heartbeat_ms"] / 1000
         in_flight: deque[tuple[int, int]] = deque()  # sent, not yet paid for by a CREDIT
         self.log.info(E.AGENT_WELCOME, pieces_wanted=len(queue), pieces_total=f.num_pieces, credit=credit)
-        started = last_send = last_recv = time.monotonic()
+        wanted_bytes = sum(self._span(item, piece)[2] for item, piece in queue)
+        self.say(
+            f"connected to {self.endpoint}: {len(queue)}/{f.num_pieces} pieces to send ({wanted_bytes / 1e6:.1f} MB)"
+            + ("; the rest were verified before" if len(queue) < f.num_pieces else "")
+        )
+        started = last_send = last_recv = last_said = time.monotonic()
+        sent_at_start = self.sent_bytes
         while True:
             while credit > 0 and queue:
                 item, piece = queue.popleft()
@@ -183,8 +260,17 @@ class Agent:
                             seconds=round(seconds, 6),
                         )
                         sock.send_multipart(encode("BYE", {}))
+                        self.say(
+                            f"committed: the coordinator verified fragment {f.index} ({f.label}); sent "
+                            f"{(self.sent_bytes - sent_at_start) / 1e6:.1f} MB in {seconds:.2f} s"
+                        )
                         return AgentExit.COMMITTED
             now = time.monotonic()
+            if now - last_said >= PROGRESS_EVERY_S:
+                done = self.sent_bytes - sent_at_start
+                rate = done / max(now - started, 1e-9) / 1e6
+                self.say(f"sent {done / 1e6:.1f}/{wanted_bytes / 1e6:.1f} MB ({rate:.0f} MB/s)")
+                last_said = now
             if now - last_send >= self.heartbeat_s:
                 sock.send_multipart(encode("HEARTBEAT", {}))
                 last_send = now
@@ -192,8 +278,8 @@ class Agent:
                 self.log.error(E.AGENT_COORDINATOR_LOST, silent_s=round(now - last_recv, 3))
                 return AgentExit.COORDINATOR_LOST
 
-    def _await_welcome(self, sock: zmq.Socket[Any]) -> Message | AgentExit:
-        deadline = time.monotonic() + WELCOME_TIMEOUT_S
+    def _await_welcome(self, sock: zmq.Socket[Any], timeout_s: float = WELCOME_TIMEOUT_S) -> Message | AgentExit:
+        deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if not sock.poll(int(self.heartbeat_s * 1000), zmq.POLLIN):
                 continue
@@ -214,7 +300,7 @@ class Agent:
             if msg.kind == "REJECT":
                 self.log.error(E.AGENT_REJECTED, **msg.header)
                 return AgentExit.REJECTED
-        self.log.error(E.AGENT_NO_WELCOME, waited_s=WELCOME_TIMEOUT_S)
+        self.log.error(E.AGENT_NO_WELCOME, waited_s=round(timeout_s, 3))
         return AgentExit.NO_WELCOME
 
 
@@ -234,4 +320,56 @@ def main_agent(run_dir: str, fragment: int, endpoint: str) -> int:
         return AgentExit.BAD_SETUP
     code = agent.run()
     log.info(E.PROCESS_EXIT, code=int(code))
+    return int(code)
+
+
+def main_bundle_agent(
+    bundle_path: str,
+    source_dir: str | None,
+    endpoint: str,
+    *,
+    fragment: int | None = None,
+    retry_for_s: float = 300.0,
+    log_dir: str | None = None,
+) -> int:
+    """An agent on a host of its own: the bundle is its plan and keys, `source_dir` this host's
+    copy of the model, verified piece by piece before anything is sent. Its log goes to
+    LOG_DIR/logs/agent_KK.jsonl (default: beside the bundle); a person reads stderr."""
+
+    def say(text: str) -> None:
+        print(f"agent {label}: {text}", file=sys.stderr, flush=True)
+
+    label = "?" if fragment is None else str(fragment)
+    try:
+        bundle = read_bundle(Path(bundle_path), fragment)
+    except PlanError as exc:
+        say(f"refused: {exc}")
+        return AgentExit.BAD_SETUP
+    label = str(bundle.fragment)
+    root = Path(log_dir or Path(bundle_path).resolve().parent).resolve()
+    box = Sandbox(root)
+    box.mkdir(layout.LOGS)
+    plan = bundle.plan
+    source_dir = source_dir or str(plan.model["source_dir"])
+    log = open_event_log(box.open_log(layout.agent_log(bundle.fragment)), run_id=plan.run_id, role="agent",
+                         fragment=bundle.fragment)  # fmt: skip
+    log_start(log, pid=os.getpid(), endpoint=endpoint, plan_digest=plan.digest, source=str(source_dir))
+    keys = (bundle.agent_public, bundle.agent_secret) if bundle.agent_public and bundle.agent_secret else None
+    f = plan.fragments[bundle.fragment]
+    try:
+        agent = Agent(root, plan, bundle.fragment, endpoint, log=log, keys=keys, source_dir=Path(source_dir),
+                      retry_for_s=retry_for_s, say=say)  # fmt: skip
+        say(f"run {plan.run_id}, layers {f.label}: verifying {f.nbytes / 1e6:.1f} MB of {source_dir} against the plan")
+        started = time.monotonic()
+        checked = verify_source(f, agent.source, plan.piece_size)
+    except (ValueError, OSError) as exc:
+        log.error(E.AGENT_SETUP_FAILED, error=str(exc))
+        say(f"refused: {exc}")
+        return AgentExit.BAD_SETUP
+    log.info(E.AGENT_SOURCE_VERIFIED, nbytes=checked, seconds=round(time.monotonic() - started, 6))
+    say(f"source verified ({checked / 1e6:.1f} MB in {time.monotonic() - started:.2f} s); connecting to {endpoint}")
+    code = agent.run()
+    log.info(E.PROCESS_EXIT, code=int(code))
+    if code != AgentExit.COMMITTED:
+        say(f"ended with exit {int(code)} ({AgentExit(code).name.lower()})")
     return int(code)

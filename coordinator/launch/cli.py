@@ -14,7 +14,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from protocol.errors import PlanError
 from protocol.exit_codes import RunExit, exit_process
-from protocol.run_settings import DEFAULT_BIND, RunOptions
+from protocol.run_settings import RunOptions
 from sandbox import SandboxError
 
 # What bad input raises: the user gets its one-line message and the usage status.
@@ -262,17 +262,63 @@ def main(argv: list[str] | None = None) -> int:
         "required with several inputs)",
     )
 
-    p = sub.add_parser("serve", help="run the coordinator for an existing run directory (started by simulate)")
-    p.add_argument("--run-dir", required=True)
-    p.add_argument("--bind", default=DEFAULT_BIND, help="endpoint to bind (default loopback, free port)")
-    p.add_argument("--control-stdin", action="store_true", help="read launcher control lines on stdin")
-    p.add_argument("--faults", help="fault-injection points as JSON (set by simulate)")
-    p.add_argument("--quota-bytes", type=int, help="byte quota of the run directory (default: derived from the plan)")
+    d = RunOptions()
+    p = sub.add_parser(
+        "plan",
+        help="write a run directory and one agent bundle per fragment, for agents on other hosts",
+        description="Plan a run whose agents run elsewhere. Example: fragsim plan --model DIR --fragments 4 "
+        "--out runs/r1 --bind tcp://0.0.0.0:5555, then fragsim serve runs/r1 here and fragsim agent --bundle ... "
+        "on each host. Exit statuses: 0 planned, 2 bad input (nothing created).",
+    )
+    p.add_argument("--model", help="a local Hugging Face checkpoint dir (default: the embedded SmolLM2, prepared once)")
+    p.add_argument("--dtype", default=d.dtype, choices=["float32", "bfloat16"], help="the embedded model's dtype")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--fragments", type=int, default=d.fragments, help=f"even ranges (default {d.fragments})")
+    group.add_argument("--ranges", help="explicit ranges, e.g. 0-7,8-15,16-22,23-29")
+    p.add_argument("--out", required=True, dest="run_dir", metavar="RUN_DIR", help="the run directory to create")
+    p.add_argument(
+        "--bind", default="tcp://0.0.0.0:5555", help="the coordinator's endpoint (default tcp://0.0.0.0:5555)"
+    )
+    p.add_argument("--prompt", default=d.prompt, help=f"default {d.prompt!r}")
+    p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens, help=f"default {d.max_new_tokens}")
+    p.add_argument(
+        "--threads", type=int, default=d.threads, help=f"torch threads of the coordinator (default {d.threads})"
+    )
+    p.add_argument(
+        "--artifacts", default=d.artifacts, help=f"where the default model is prepared (default {d.artifacts})"
+    )
 
-    p = sub.add_parser("agent", help="run one fragment agent (same as python -m agents run)")
-    p.add_argument("--run-dir", required=True)
-    p.add_argument("--fragment", type=int, required=True)
-    p.add_argument("--connect", required=True)
+    p = sub.add_parser(
+        "serve",
+        help="the coordinator of a planned run, with the live view; agents come from other hosts",
+        description="Example: fragsim serve runs/r1 [--bind tcp://10.0.0.1:5555]. Records the baseline if the run "
+        "has none, waits for the agents, shows them arrive and ends with the verdict. Exit statuses as simulate: 0 "
+        "bit-exact, 1 mismatch, 2 bad input, 3 incomplete, 4 no results, 6 storage, 7 internal error. The raw "
+        "coordinator process (JSON lines) is python -m coordinator --run-dir DIR.",
+    )
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--bind", help="endpoint to bind (default: the one the run was planned with)")
+
+    p = sub.add_parser(
+        "agent",
+        help="stream one fragment: from a bundle on any host, or from a local run directory",
+        description="Example: fragsim agent --bundle fragment_01.bundle --source /models/smollm2 --connect "
+        "tcp://10.0.0.1:5555. Verifies the local source against the plan's digests before sending, retries an "
+        "unreachable coordinator with backoff, and resumes where a previous attempt stopped. Exit statuses: 0 "
+        "committed, 2 bad bundle, fragment or source (nothing sent), 3 no coordinator answered within --retry-for, "
+        "4 refused by the coordinator, 5 the coordinator went silent.",
+    )
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--bundle", metavar="FILE", help="the bundle fragsim plan wrote for this fragment")
+    where.add_argument("--run-dir", help="a local run directory (how simulate starts its agents)")
+    p.add_argument("--fragment", type=int, help="the fragment to serve (with --bundle: must be the bundle's)")
+    p.add_argument("--source", metavar="DIR", help="this host's copy of the source (default: the plan's path)")
+    p.add_argument("--connect", required=True, metavar="ENDPOINT", help="the coordinator, e.g. tcp://HOST:5555")
+    p.add_argument(
+        "--retry-for", type=float, default=300.0, metavar="SECONDS",
+        help="with --bundle: keep asking a coordinator that does not answer this long (default 300)",
+    )  # fmt: skip
+    p.add_argument("--log-dir", help="with --bundle: where logs/agent_KK.jsonl goes (default: beside the bundle)")
 
     args = parser.parse_args(argv)
     try:
@@ -382,13 +428,24 @@ def _run(args: argparse.Namespace) -> int:
         written = write_report([Path(t) for t in args.targets], Path(args.out) if args.out else None)
         print(f"report: {written.path} ({written.figures} figures, {written.tables} tables, {written.seconds:.2f}s)")
         return 0
+    if args.command == "plan":
+        from coordinator.launch.hosts import plan_command
+        from coordinator.launch.options import SimulateOptions
+
+        fields = ("model", "dtype", "fragments", "ranges", "run_dir", "bind", "prompt", "max_new_tokens", "threads")
+        return plan_command(SimulateOptions(order="forward", **{k: getattr(args, k) for k in (*fields, "artifacts")}))
     if args.command == "serve":
-        from coordinator.server import serve
+        from coordinator.launch.hosts import serve_command
 
-        return serve(args.run_dir, args.bind, args.control_stdin, args.faults, args.quota_bytes)
+        return serve_command(Path(args.run_dir), args.bind)
     if args.command == "agent":
-        from agents.agent import main_agent
+        from agents.agent import main_agent, main_bundle_agent
 
+        if args.bundle:
+            return main_bundle_agent(args.bundle, args.source, args.connect, fragment=args.fragment,
+                                     retry_for_s=args.retry_for, log_dir=args.log_dir)  # fmt: skip
+        if args.fragment is None:
+            raise PlanError("--fragment", None, "the fragment index (required with --run-dir)")
         return main_agent(args.run_dir, args.fragment, args.connect)
     return int(RunExit.USAGE)
 

@@ -125,8 +125,19 @@ class Driver:
     """The launcher's loop: start agents in order, react to the coordinator's progress, carry
     out kills from outside the target process, respawn, and replace a killed coordinator."""
 
-    def __init__(self, opts: SimulateOptions, run: PreparedRun, console: Console, faults: dict[str, Any]) -> None:
+    def __init__(
+        self,
+        opts: SimulateOptions,
+        run: PreparedRun,
+        console: Console,
+        faults: dict[str, Any],
+        *,
+        local_agents: bool = True,
+    ) -> None:
+        """`local_agents` False: agents run elsewhere (`fragsim agent --bundle`); the launcher
+        starts none and waits for theirs, however long they take."""
         self.opts, self.run, self.console = opts, run, console
+        self.local_agents = local_agents
         self.start_kills = [f for f, x in faults["kills"] if x == START]
         self.coordinator_faults = {
             "kills": [[f, x] for f, x in faults["kills"] if x != START],
@@ -136,7 +147,7 @@ class Driver:
         self.coordinator: CoordinatorProcess | None = None
         self.launcher: AgentLauncher | None = None
         self.committed = self._committed_on_disk()
-        self.pending = [f for f in run.order if f not in self.committed]
+        self.pending = [f for f in run.order if f not in self.committed] if local_agents else []
         self.connect_by: dict[int, float] = {}  # spawned agents that have not said HELLO yet
         self.retries: dict[int, int] = {}
         self.stopped_since: float | None = None
@@ -325,7 +336,8 @@ class Driver:
                 return "coordinator stopped"
             self._sample_memory()
             if (
-                not self.pending
+                self.local_agents
+                and not self.pending
                 and self.waiting_for is None
                 and not self.respawn_at
                 and not self.asked_to_end

@@ -88,11 +88,13 @@ def execute_run(
     *,
     with_baseline: bool = True,
     prefetch_report: bool = False,
+    local_agents: bool = True,
 ) -> tuple[int, dict[str, Any] | None]:
     """Start the coordinator, record the baseline, launch agents in order; (exit code, results).
-    `prefetch_report`: import the report's modules while the agents stream."""
+    `prefetch_report`: import the report's modules while the agents stream; `local_agents`
+    False: start no agents, wait for the ones other hosts start (`fragsim serve`)."""
     faults = run_faults(opts, len(run.plan.fragments))
-    driver = Driver(opts, run, console, faults)
+    driver = Driver(opts, run, console, faults, local_agents=local_agents)
     launched = time.time()
     if not with_baseline and not run.box.exists(layout.BASELINE_JSON):
         from coordinator.launch.baseline import SourceModel
@@ -125,6 +127,9 @@ def execute_run(
             )
         else:
             driver.await_ready()
+        if not local_agents:
+            assert driver.launcher is not None
+            console.print(f"coordinator listening on [bold]{driver.launcher.endpoint}[/]; waiting for the agents")
         if prefetch_report:  # after the baseline: torch's import and matplotlib's never overlap
             import_report_in_background()
         with LiveView(console, run.plan) as view:
@@ -163,8 +168,17 @@ def execute_run(
     return (RunExit.OK if results["final_matches_baseline"] else RunExit.MISMATCH), results
 
 
-def resume_run(run_dir: Path, console: Console | None = None, *, respawn: bool = True) -> int:
-    """Continue a run whose coordinator died: its sandbox holds everything verified so far."""
+def resume_run(
+    run_dir: Path,
+    console: Console | None = None,
+    *,
+    respawn: bool = True,
+    local_agents: bool = True,
+    bind: str | None = None,
+) -> int:
+    """Continue a run from its sandbox, which holds everything verified so far: after its
+    coordinator died (`fragsim resume`), or a planned run whose agents are elsewhere
+    (`fragsim serve`, local_agents False). The baseline is recorded first if the run has none."""
     console = console or wide_console()
     if not (run_dir / layout.PLAN).is_file():
         raise PlanError("run directory", str(run_dir), f"a directory holding the {layout.PLAN} of a run")
@@ -173,14 +187,19 @@ def resume_run(run_dir: Path, console: Console | None = None, *, respawn: bool =
     saved = _saved_settings(box, plan)
     opts = saved.options
     opts.kill, opts.kill_random, opts.kill_coordinator, opts.respawn = [], 0, None, respawn
+    if bind:
+        opts.bind = bind
     if box.exists(layout.RESULTS_JSON) and json.loads(box.read_bytes(layout.RESULTS_JSON)).get(
         "final_matches_baseline"
     ):
-        console.print(f"{run_dir}: already complete and matching the baseline; nothing to resume")
+        console.print(f"{run_dir}: already complete and matching the baseline; nothing to do")
         return RunExit.OK
     run = PreparedRun(run_dir.resolve(), box, plan, saved.order, Path(saved.source_dir))
-    console.print(f"resuming run [bold]{plan.run_id}[/] in {run.run_dir}")
-    code, results = execute_run(opts, run, console, with_baseline=False, prefetch_report=True)
+    console.print(f"{'resuming' if local_agents else 'serving'} run [bold]{plan.run_id}[/] in {run.run_dir}")
+    # The baseline is recorded before the coordinator binds: a restored fragment, or one from
+    # an agent that started first, is scored at once.
+    code, results = execute_run(opts, run, console, with_baseline=False, prefetch_report=True,
+                                local_agents=local_agents)  # fmt: skip
     if results is not None:
         print_summary(console, results, run.run_dir)
     write_run_report(run, console)
