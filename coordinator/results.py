@@ -17,6 +17,9 @@ from protocol.run_settings import RunSettings
 from sandbox import Sandbox
 from sandbox.layout import RESULTS_JSON, RESULTS_MD
 
+# results.json's layout: raised when a field is renamed, removed or changes meaning (a new field does not).
+RESULTS_SCHEMA_VERSION = 1
+
 _PACKAGES = ("fragsim", "torch", "transformers", "safetensors", "pyzmq", "msgpack", "structlog", "blake3", "psutil")
 
 
@@ -61,6 +64,7 @@ def build_results(
     gap_checkpoints: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     return {
+        "schema_version": RESULTS_SCHEMA_VERSION,
         "run": {
             **settings.to_json(),
             "run_id": plan.run_id,

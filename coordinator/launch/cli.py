@@ -145,6 +145,73 @@ def _simulate_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
         action="store_true",
         help="after --kill-coordinator, start a new coordinator on the same run at once",
     )
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="print the results (results.json plus the launcher record; null without results) as JSON on "
+        "stdout; the live view and tables go to stderr (default off)",
+    )
+
+
+def fragsim_version() -> str:
+    """The installed distribution's version, else the one pyproject.toml declares."""
+    import re
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("fragsim")
+    except PackageNotFoundError:
+        pyproject = Path(__file__).resolve().parents[2] / "pyproject.toml"
+        found = re.search(r'^version\s*=\s*"([^"]+)"', pyproject.read_text(), re.M) if pyproject.is_file() else None
+        return found[1] if found else "unknown"
+
+
+def _manage_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """`fragsim runs`, `rm` and `gc`: the run directories under a runs root."""
+    from coordinator.launch.runs import DEFAULT_RUNS_DIR
+
+    runs_dir_help = f"the directory holding the run directories (default {DEFAULT_RUNS_DIR})"
+    p = sub.add_parser(
+        "runs",
+        help="list the runs: id, model, fragments, order, status, verdict, size, age",
+        description="List every run directory (one holding a plan.json) under the runs root, oldest first. "
+        "Status: complete (matched the baseline), mismatch, incomplete, coordinator killed (continue with "
+        "fragsim resume), failed (no results), running. Size counts hard-linked snapshot files once. "
+        "Example: fragsim runs; fragsim runs --json | jq '.[] | select(.status != \"complete\") | .id'. "
+        "Exit statuses: 0 listed, 2 bad input.",
+    )
+    p.add_argument("--runs-dir", default=DEFAULT_RUNS_DIR, metavar="DIR", help=runs_dir_help)
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="a JSON list (size_bytes, age_s as raw numbers) instead of a table (default off)",
+    )
+
+    p = sub.add_parser(
+        "rm",
+        help="remove runs by id or path",
+        description="Remove the named run directories, each given by its run id (under --runs-dir) or its path. "
+        "Anything that is not a run directory (no plan.json of a run), or a run whose coordinator is running, is "
+        "refused and then nothing is removed. Example: fragsim rm 20250101-120000-ab12 artifacts/runs/old. "
+        "Exit statuses: 0 removed, 1 a removal failed part way (the others were removed), 2 bad input "
+        "(nothing removed).",
+    )
+    p.add_argument("runs", nargs="+", metavar="RUN", help="a run id under --runs-dir, or a run directory's path")
+    p.add_argument("--runs-dir", default=DEFAULT_RUNS_DIR, metavar="DIR", help=runs_dir_help)
+
+    p = sub.add_parser(
+        "gc",
+        help="remove old runs (--keep N) and/or runs that did not complete (--failed)",
+        description="Remove runs under the runs root: --keep N keeps the N newest (by the newest of plan.json and "
+        "results.json) and removes the rest; --failed removes every run whose status is not complete; both "
+        "together remove the union. A running run is never removed. Example: fragsim gc --keep 5 --failed "
+        "--dry-run, then without --dry-run. Exit statuses: 0 done (or nothing to do), 1 a removal failed part "
+        "way, 2 bad input (neither --keep nor --failed, a negative --keep).",
+    )
+    p.add_argument("--keep", type=int, metavar="N", help="keep the N newest runs, remove older ones (default off)")
+    p.add_argument("--failed", action="store_true", help="remove every run that is not complete (default off)")
+    p.add_argument("--runs-dir", default=DEFAULT_RUNS_DIR, metavar="DIR", help=runs_dir_help)
+    p.add_argument("--dry-run", action="store_true", help="only print what would be removed (default off)")
 
 
 def entry() -> None:
@@ -155,6 +222,7 @@ def entry() -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fragsim", description=__doc__)
     parser.add_argument("--debug", action="store_true", help="show the traceback of an unexpected error")
+    parser.add_argument("--version", action="version", version=f"fragsim {fragsim_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("prepare", help="convert a model into a safetensors source checkpoint under artifacts/source/")
@@ -320,6 +388,8 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     p.add_argument("--log-dir", help="with --bundle: where logs/agent_KK.jsonl goes (default: beside the bundle)")
 
+    _manage_parsers(sub)
+
     args = parser.parse_args(argv)
     try:
         return _run(args)
@@ -366,14 +436,23 @@ def _run(args: argparse.Namespace) -> int:
         from coordinator.launch.options import SimulateOptions
         from coordinator.launch.simulate import run_simulation
 
-        opts = SimulateOptions(**{k: v for k, v in vars(args).items() if k not in ("command", "debug")})
-        return run_simulation(opts)
+        opts = SimulateOptions(**{k: v for k, v in vars(args).items() if k not in ("command", "debug", "json")})
+        return run_simulation(opts, json_out=args.json)
     if args.command == "resume":
         from coordinator.launch.simulate import resume_run
 
         return resume_run(Path(args.run_dir), respawn=not args.no_respawn)
     if args.command == "replay":
         return replay_command(args)
+    if args.command in ("runs", "rm", "gc"):
+        from coordinator.launch import runs
+
+        root = Path(args.runs_dir)
+        if args.command == "runs":
+            return runs.runs_command(root, args.json)
+        if args.command == "rm":
+            return runs.rm_command(args.runs, root)
+        return runs.gc_command(root, args.keep, args.failed, args.dry_run)
     if args.command == "bench":
         from coordinator.lab.bench import bench, parse_counts
         from coordinator.launch.prepare import prepare_default

@@ -3,9 +3,11 @@ chosen arrival order, with live progress in the terminal and the checkpoint tabl
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import secrets
+import sys
 import threading
 import time
 from pathlib import Path
@@ -254,8 +256,20 @@ def write_run_report(run: PreparedRun, console: Console) -> None:
     console.print(f"report: {written.path} ({written.figures} figures, {written.seconds:.2f}s)")
 
 
-def run_simulation(opts: SimulateOptions, console: Console | None = None) -> int:
-    console = console or wide_console()
+def run_simulation(opts: SimulateOptions, console: Console | None = None, *, json_out: bool = False) -> int:
+    """`fragsim simulate`. `json_out`: the results (results.json plus the launcher record, or
+    null without results) are the only thing on stdout; the live view and tables go to stderr."""
+    if not json_out:
+        return _simulate(opts, console or wide_console())[0]
+    with contextlib.redirect_stdout(sys.stderr):  # a stray print must not break the JSON
+        code, results, run_dir = _simulate(opts, console or wide_console(stderr=True))
+    if results is not None and (run_dir / layout.LAUNCHER_JSON).is_file():
+        results["launcher"] = json.loads((run_dir / layout.LAUNCHER_JSON).read_text())  # with report_s
+    print(json.dumps(results, indent=2), flush=True)
+    return code
+
+
+def _simulate(opts: SimulateOptions, console: Console) -> tuple[int, dict[str, Any] | None, Path]:
     source_dir, model_name = resolve_source(opts, console)
     started = time.perf_counter()
     run = plan_run(opts, source_dir, model_name)
@@ -269,4 +283,4 @@ def run_simulation(opts: SimulateOptions, console: Console | None = None) -> int
     if results is not None:
         print_summary(console, results, run.run_dir)
     write_run_report(run, console)
-    return code
+    return code, results, run.run_dir

@@ -15,8 +15,9 @@ from coordinator.results import CHECKPOINT_HEADERS, checkpoint_rows
 from protocol import link
 
 
-def wide_console() -> Console:
-    console = Console()
+def wide_console(stderr: bool = False) -> Console:
+    """The terminal's console (on stderr when stdout carries data, e.g. `simulate --json`)."""
+    console = Console(stderr=stderr)
     if not console.is_terminal:  # logs and CI: wide enough that tables and bars do not fold
         console.width = max(console.width, 160)
     return console
