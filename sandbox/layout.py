@@ -31,6 +31,7 @@ BASELINE_JSON = f"{BASELINE_DIR}/baseline.json"
 BASELINE_LOGITS = f"{BASELINE_DIR}/logits.safetensors"
 
 KEYS_DIR = "keys"
+BUNDLES_DIR = "bundles"  # fragsim plan: one owner-only bundle per fragment, for agents on other hosts
 QUORUM = "quorum"
 QUARANTINE = "quarantine"
 REASSEMBLED = "reassembled"

@@ -141,6 +141,7 @@ def test_agents_started_before_their_coordinator_find_it_and_the_run_ends_bit_ex
     endpoint = f"tcp://127.0.0.1:{_free_port()}"
     run_dir = tmp_path / "run"
     bundles = _copy_bundles(plan(tiny_model, run_dir, endpoint), agent_host)
+    assert _status(tmp_path) == "planned"
     source = str(agent_host / "models" / "tiny")
     agents = [start("agent", "--bundle", str(b), "--source", source, "--connect", endpoint) for b in bundles]
     try:
@@ -156,6 +157,15 @@ def test_agents_started_before_their_coordinator_find_it_and_the_run_ends_bit_ex
     assert results["final_matches_baseline"] is True
     assert "MATCHES the baseline" in served.stdout and "waiting for the agents" in served.stdout
     assert (run_dir / "report.html").is_file()
+    assert _status(tmp_path) == "complete"
+
+
+def _status(runs_dir: Path) -> str:
+    """The one run's status as `fragsim runs --json` shows it."""
+    listed = fragsim("runs", "--runs-dir", str(runs_dir), "--json")
+    assert listed.returncode == 0, listed.stderr
+    (run,) = json.loads(listed.stdout)
+    return run["status"]
 
 
 # ---- two hosts: network namespaces joined by a veth pair ------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import textwrap
 from pathlib import Path
 
 # Nothing may be fetched from a model hub at run time.
@@ -13,12 +14,64 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from protocol.errors import PlanError
-from protocol.exit_codes import RunExit, exit_process
+from protocol.exit_codes import AgentExit, RunExit, exit_process
 from protocol.run_settings import RunOptions
 from sandbox import SandboxError
 
 # What bad input raises: the user gets its one-line message and the usage status.
 USER_ERRORS = (PlanError, FileNotFoundError, FileExistsError, NotADirectoryError, SandboxError)
+
+# What `simulate`, `resume` and `serve` return (RunExit), in the words their help shows.
+RUN_EXITS = (
+    (RunExit.OK, "complete, and the final checkpoint matched the baseline bit for bit"),
+    (RunExit.MISMATCH, "complete, but the final checkpoint did not match"),
+    (RunExit.USAGE, "bad options or input, refused before anything was created"),
+    (RunExit.INCOMPLETE, "agents ended without delivering every fragment"),
+    (RunExit.FAILED, "the coordinator ended without results"),
+    (RunExit.COORDINATOR_KILLED, "--kill-coordinator without --resume: continue with fragsim resume"),
+    (RunExit.STORAGE, "disk full, quota or permissions stopped the run"),
+    (RunExit.CRASH, "fragsim itself failed (a bug): the traceback is in the logs"),
+)
+USAGE_EXIT = (RunExit.USAGE, "bad options or input, refused before anything was done")
+CRASH_EXIT = (RunExit.CRASH, "internal error (a bug of fragsim's own; --debug shows the traceback)")
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Every option's help ends with its default, unless its text already says it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if not action.option_strings or "default" in text or action.required or action.default is argparse.SUPPRESS:
+            return text
+        if isinstance(action, argparse._StoreTrueAction):
+            return f"{text} (default off)"
+        if isinstance(action, argparse._StoreFalseAction):
+            return f"{text} (default on)"
+        if action.default in (None, []):
+            return f"{text} (default none)"
+        return f"{text} (default %(default)s)"
+
+
+def describe(summary: str, examples: list[str], exits: list[tuple[int, str]] | tuple[tuple[int, str], ...]) -> str:
+    """A subcommand's help text: what it does, an example or two, and its exit statuses."""
+    lines = [textwrap.fill(summary, 100, break_on_hyphens=False), "", "examples:" if len(examples) > 1 else "example:"]
+    lines += [f"  {example}" for example in examples]
+    lines += ["", "exit statuses:"]
+    lines += [f"  {int(code)}  {words}" for code, words in exits]
+    return "\n".join(lines)
+
+
+def add_command(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser],
+    name: str,
+    help: str,
+    summary: str,
+    examples: list[str],
+    exits: list[tuple[int, str]] | tuple[tuple[int, str], ...],
+) -> argparse.ArgumentParser:
+    return sub.add_parser(
+        name, help=help, description=describe(summary, examples, exits), formatter_class=HelpFormatter
+    )
 
 
 def _simulate_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -26,7 +79,20 @@ def _simulate_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
     from coordinator.launch.architectures import SUPPORTED_TEXT
 
     d = RunOptions()  # every default comes from the one definition of a run's options
-    p = sub.add_parser("simulate", help="run agents and a coordinator end to end")
+    p = add_command(
+        sub,
+        "simulate",
+        "run agents and a coordinator end to end",
+        "Plan a run, record the full model's baseline, start one agent process per fragment in the chosen "
+        "order and a coordinator that verifies every byte, reassembles the longest contiguous prefix on every "
+        "arrival and evaluates it; ends with the verdict against the baseline and writes report.html.",
+        [
+            "fragsim simulate",
+            "fragsim simulate --fragments 4 --order random --seed 1 --kill 1@0.3 --respawn",
+            "fragsim simulate --model DIR --ranges 0-3,4-7 --json | jq .final_matches_baseline",
+        ],
+        RUN_EXITS,
+    )
     p.add_argument(
         "--model",
         help=f"a local Hugging Face checkpoint dir with safetensors, model_type one of {SUPPORTED_TEXT} "
@@ -49,11 +115,17 @@ def _simulate_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
     p.add_argument("--order", default=d.order, help=ORDER_HELP)
     p.add_argument("--seed", type=int, default=d.seed, help=f"seed of the random order (default {d.seed})")
     p.add_argument(
-        "--stagger", type=float, default=d.stagger, help="seconds to wait after a commit before the next agent"
+        "--stagger",
+        type=float,
+        default=d.stagger,
+        metavar="SECONDS",
+        help="seconds to wait after a commit before the next agent starts",
     )
     p.add_argument("--parallel", action="store_true", help="start every agent at once (arrival order then races)")
-    p.add_argument("--prompt", default=d.prompt)
-    p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
+    p.add_argument("--prompt", default=d.prompt, help="the prompt every checkpoint completes greedily")
+    p.add_argument(
+        "--max-new-tokens", type=int, default=d.max_new_tokens, metavar="N", help="tokens generated per checkpoint"
+    )
     p.add_argument(
         "--eval-text",
         default=d.eval_text,
@@ -134,11 +206,14 @@ def _simulate_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
         help="N kills at random fragments and fractions, reproducible with --seed",
     )
     faults.add_argument("--respawn", action="store_true", help="start a killed agent again; it resumes")
-    faults.add_argument("--respawn-delay", type=float, default=d.respawn_delay, metavar="SECONDS")
+    faults.add_argument(
+        "--respawn-delay", type=float, default=d.respawn_delay, metavar="SECONDS", help="wait before a respawn"
+    )
     faults.add_argument(
         "--kill-coordinator",
         metavar="FRACTION",
-        help="SIGKILL the coordinator once FRACTION of all bytes arrived ('reassembly': during the first reassembly)",
+        help="SIGKILL the coordinator once FRACTION of all bytes arrived ('reassembly': during the first "
+        "reassembly; default none)",
     )
     faults.add_argument(
         "--resume",
@@ -171,14 +246,16 @@ def _manage_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     from coordinator.launch.runs import DEFAULT_RUNS_DIR
 
     runs_dir_help = f"the directory holding the run directories (default {DEFAULT_RUNS_DIR})"
-    p = sub.add_parser(
+    p = add_command(
+        sub,
         "runs",
-        help="list the runs: id, model, fragments, order, status, verdict, size, age",
-        description="List every run directory (one holding a plan.json) under the runs root, oldest first. "
-        "Status: complete (matched the baseline), mismatch, incomplete, coordinator killed (continue with "
-        "fragsim resume), failed (no results), running. Size counts hard-linked snapshot files once. "
-        "Example: fragsim runs; fragsim runs --json | jq '.[] | select(.status != \"complete\") | .id'. "
-        "Exit statuses: 0 listed, 2 bad input.",
+        "list the runs: id, model, fragments, order, status, verdict, size, age",
+        "List every run directory (one holding a plan.json) under the runs root, oldest first. Status: "
+        "complete (matched the baseline), mismatch, incomplete, coordinator killed (continue with fragsim "
+        "resume), planned (fragsim plan, never served), failed (no results), running. Size counts hard-linked "
+        "snapshot files once.",
+        ["fragsim runs", "fragsim runs --json | jq '.[] | select(.status != \"complete\") | .id'"],
+        [(0, "listed"), USAGE_EXIT],
     )
     p.add_argument("--runs-dir", default=DEFAULT_RUNS_DIR, metavar="DIR", help=runs_dir_help)
     p.add_argument(
@@ -187,27 +264,31 @@ def _manage_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="a JSON list (size_bytes, age_s as raw numbers) instead of a table (default off)",
     )
 
-    p = sub.add_parser(
+    p = add_command(
+        sub,
         "rm",
-        help="remove runs by id or path",
-        description="Remove the named run directories, each given by its run id (under --runs-dir) or its path. "
-        "Anything that is not a run directory (no plan.json of a run), or a run whose coordinator is running, is "
-        "refused and then nothing is removed. Example: fragsim rm 20250101-120000-ab12 artifacts/runs/old. "
-        "Exit statuses: 0 removed, 1 a removal failed part way (the others were removed), 2 bad input "
-        "(nothing removed).",
-    )
+        "remove runs by id or path",
+        "Remove the named run directories, each given by its run id (under --runs-dir) or its path. Anything "
+        "that is not a run directory (no plan.json of a run), or a run whose coordinator is running, is refused "
+        "and then nothing is removed.",
+        ["fragsim rm 20250101-120000-ab12 artifacts/runs/old"],
+        [(0, "removed"), (1, "a removal failed part way (the others were removed)"),
+         (RunExit.USAGE, "bad input (nothing removed)")],
+    )  # fmt: skip
     p.add_argument("runs", nargs="+", metavar="RUN", help="a run id under --runs-dir, or a run directory's path")
     p.add_argument("--runs-dir", default=DEFAULT_RUNS_DIR, metavar="DIR", help=runs_dir_help)
 
-    p = sub.add_parser(
+    p = add_command(
+        sub,
         "gc",
-        help="remove old runs (--keep N) and/or runs that did not complete (--failed)",
-        description="Remove runs under the runs root: --keep N keeps the N newest (by the newest of plan.json and "
-        "results.json) and removes the rest; --failed removes every run whose status is not complete; both "
-        "together remove the union. A running run is never removed. Example: fragsim gc --keep 5 --failed "
-        "--dry-run, then without --dry-run. Exit statuses: 0 done (or nothing to do), 1 a removal failed part "
-        "way, 2 bad input (neither --keep nor --failed, a negative --keep).",
-    )
+        "remove old runs (--keep N) and/or runs that did not complete (--failed)",
+        "Remove runs under the runs root: --keep N keeps the N newest (by the newest of plan.json and "
+        "results.json) and removes the rest; --failed removes every run whose status is not complete (a "
+        "planned run included); both together remove the union. A running run is never removed.",
+        ["fragsim gc --keep 5 --failed --dry-run, then the same without --dry-run"],
+        [(0, "done (or nothing to do)"), (1, "a removal failed part way"),
+         (RunExit.USAGE, "bad input: neither --keep nor --failed, a negative --keep")],
+    )  # fmt: skip
     p.add_argument("--keep", type=int, metavar="N", help="keep the N newest runs, remove older ones (default off)")
     p.add_argument("--failed", action="store_true", help="remove every run that is not complete (default off)")
     p.add_argument("--runs-dir", default=DEFAULT_RUNS_DIR, metavar="DIR", help=runs_dir_help)
@@ -219,50 +300,115 @@ def entry() -> None:
     exit_process(main())
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="fragsim", description=__doc__)
+def build_parser() -> argparse.ArgumentParser:
+    """The whole `fragsim` command line: every subcommand, option, default, example and exit status."""
+    parser = argparse.ArgumentParser(
+        prog="fragsim",
+        description="Fragment a transformer checkpoint into layer-range agents and reassemble it: measured, "
+        "fault-tolerant, replayable. fragsim COMMAND --help shows each command's options, defaults, an example "
+        "and its exit statuses.",
+    )
     parser.add_argument("--debug", action="store_true", help="show the traceback of an unexpected error")
     parser.add_argument("--version", action="version", version=f"fragsim {fragsim_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("prepare", help="convert a model into a safetensors source checkpoint under artifacts/source/")
+    p = add_command(
+        sub,
+        "prepare",
+        "convert a model into a safetensors source checkpoint under artifacts/source/",
+        "Convert the embedded SmolLM2 GGUF (or a local Hugging Face checkpoint directory) once into the "
+        "safetensors source checkpoint every run reads, and print its path. simulate does this itself when "
+        "the source is missing; a checkpoint fragsim cannot handle is refused here, with the reason.",
+        ["fragsim prepare", "fragsim prepare --model /models/my-llama --force"],
+        [(RunExit.OK, "prepared (or already prepared): its path is printed"), USAGE_EXIT, CRASH_EXIT],
+    )
     p.add_argument("--model", help="a local Hugging Face checkpoint dir (default: the embedded SmolLM2 GGUF)")
-    p.add_argument("--dtype", default=RunOptions.dtype, choices=["float32", "bfloat16"])
-    p.add_argument("--artifacts", default=RunOptions.artifacts)
+    p.add_argument(
+        "--dtype", default=RunOptions.dtype, choices=["float32", "bfloat16"], help="dtype of the embedded model"
+    )
+    p.add_argument("--artifacts", default=RunOptions.artifacts, metavar="DIR", help="artifacts root")
     p.add_argument("--force", action="store_true", help="rebuild even if already prepared")
 
     _simulate_parser(sub)
 
-    p = sub.add_parser("resume", help="continue a run whose coordinator was killed (or that ended incomplete)")
-    p.add_argument("run_dir")
+    p = add_command(
+        sub,
+        "resume",
+        "continue a run whose coordinator was killed (or that ended incomplete)",
+        "Start a new coordinator on an existing run directory. The directory is untrusted: every stored "
+        "fragment is verified against the plan, what fails is set aside and fetched again, and agents resume "
+        "where they stopped, so no verified byte is sent twice.",
+        ["fragsim resume artifacts/runs/RUN_ID"],
+        RUN_EXITS,
+    )
+    p.add_argument("run_dir", metavar="RUN_DIR", help="the run directory (artifacts/runs/<run id>)")
     p.add_argument("--no-respawn", action="store_true", help="do not respawn agents killed from now on")
 
-    p = sub.add_parser("replay", help="rebuild a run from its logs alone and check it against results.json")
-    p.add_argument("run_dir")
+    p = add_command(
+        sub,
+        "replay",
+        "rebuild a run from its logs alone and check it against results.json",
+        "Feed every logged event of a run back through the sans-IO core and compare each decision, checkpoint "
+        "and the final verdict with results.json; --verify-model also re-evaluates every reassembled snapshot.",
+        ["fragsim replay artifacts/runs/RUN_ID --timeline", "fragsim replay RUN_DIR --json --verify-model"],
+        [
+            (0, "the replay agrees with results.json"),
+            (1, "the replay disagrees (the first differences are printed)"),
+            (RunExit.USAGE, "refused: not a run directory, or its logs cannot be replayed"),
+            CRASH_EXIT,
+        ],
+    )
+    p.add_argument("run_dir", metavar="RUN_DIR", help="the run directory")
     p.add_argument("--verify-model", action="store_true", help="also re-evaluate every reassembled snapshot")
     p.add_argument("--timeline", action="store_true", help="an agent-by-agent timeline")
     p.add_argument("--json", action="store_true", help="the rebuilt run as JSON")
 
-    p = sub.add_parser("soak", help="many seeded runs with random kills; JSON figures")
+    p = add_command(
+        sub,
+        "soak",
+        "many seeded runs with random kills; JSON figures",
+        "Run many simulations with seeded random agent and coordinator kills, respawns and resumes, and count "
+        "lost data, bit-exact endings, hangs and orphans.",
+        ["fragsim soak --model artifacts/source/tiny-llama-8 --runs 50 --seed 0 (or: make chaos-soak)"],
+        [(0, "every run ended bit-exact and nothing was lost"), (1, "some run lost data or did not match"),
+         USAGE_EXIT, CRASH_EXIT],
+    )  # fmt: skip
     p.add_argument("--model", required=True, help="checkpoint dir (a tiny one: see make chaos-soak)")
-    p.add_argument("--runs", type=int, default=50)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="artifacts/chaos-soak.json")
-    p.add_argument("--runs-dir", default="artifacts/soak-runs")
+    p.add_argument("--runs", type=int, default=50, help="how many runs")
+    p.add_argument("--seed", type=int, default=0, help="seed of the first run (each run adds its index)")
+    p.add_argument("--out", default="artifacts/chaos-soak.json", metavar="FILE", help="the JSON figures")
+    p.add_argument("--runs-dir", default="artifacts/soak-runs", metavar="DIR", help="where the runs go")
 
-    p = sub.add_parser("outside-kills", help="SIGKILL from outside at seeded random moments, then resume; JSON")
+    p = add_command(
+        sub,
+        "outside-kills",
+        "SIGKILL from outside at seeded random moments, then resume; JSON",
+        "SIGKILL the coordinator from outside fragsim at seeded random moments (not at its own kill points), "
+        "resume each run and check that it ends bit-exact with no hang and no orphaned process.",
+        ["fragsim outside-kills --model artifacts/source/tiny-llama-8 --runs 200 --seed 0"],
+        [(0, "every run ended bit-exact, no hangs, no orphans"), (1, "some run did not"), USAGE_EXIT, CRASH_EXIT],
+    )
     p.add_argument("--model", help="checkpoint dir (default: the embedded SmolLM2, prepared once)")
-    p.add_argument("--runs", type=int, default=200)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--runs", type=int, default=200, help="how many runs")
+    p.add_argument("--seed", type=int, default=0, help="seed of the kill moments")
     p.add_argument("--max-new-tokens", type=int, help="tokens per evaluation (default: the run default)")
-    p.add_argument("--out", default="artifacts/outside-kills.json")
-    p.add_argument("--runs-dir", default="artifacts/outside-kill-runs")
+    p.add_argument("--out", default="artifacts/outside-kills.json", metavar="FILE", help="the JSON figures")
+    p.add_argument("--runs-dir", default="artifacts/outside-kill-runs", metavar="DIR", help="where the runs go")
 
-    p = sub.add_parser("bench", help="measure real runs; JSON figures")
+    p = add_command(
+        sub,
+        "bench",
+        "measure real runs; JSON figures",
+        "Measure real runs and every stage of the pipeline against its own ceiling (raw ZeroMQ, BLAKE3, fsync, "
+        "the in-process floor, ...), optionally the run time per fragment count; writes JSON figures.",
+        ["fragsim bench --fragments-curve 1,2,4,8,15,30 (or: make bench)", "fragsim bench --runs 1 --no-stages"],
+        [(0, "measured, and every run's final checkpoint matched"), (1, "some run did not match"),
+         USAGE_EXIT, CRASH_EXIT],
+    )  # fmt: skip
     p.add_argument("--model", help="checkpoint dir (default: the embedded SmolLM2, prepared once)")
-    p.add_argument("--runs", type=int, default=3)
-    p.add_argument("--out", default="artifacts/bench.json")
-    p.add_argument("--runs-dir", default="artifacts/bench-runs")
+    p.add_argument("--runs", type=int, default=3, help="runs of each configuration")
+    p.add_argument("--out", default="artifacts/bench.json", metavar="FILE", help="the JSON figures")
+    p.add_argument("--runs-dir", default="artifacts/bench-runs", metavar="DIR", help="where the runs go")
     p.add_argument(
         "--no-stages",
         dest="stages",
@@ -272,7 +418,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--fragments-curve",
         metavar="N,N,...",
-        help="also run forward with each number of fragments (e.g. 1,2,4,8,15,30): run time and per-fragment overhead",
+        help="also run forward with each number of fragments (e.g. 1,2,4,8,15,30): run time and per-fragment "
+        "overhead (default none)",
     )
     p.add_argument(
         "--quality-fragments", type=int, default=10, help="fragments of the quality-vs-depth run (0: skip it)"
@@ -284,10 +431,19 @@ def main(argv: list[str] | None = None) -> int:
         "--ceiling-repeats",
         type=int,
         default=3,
-        help="repeats of each ceiling (the best counts) and of the warm run and its floor (the median counts)",
+        help="repeats of each ceiling (the best counts) and of the warm run and its floor (the median counts; "
+        "default 3)",
     )
 
-    p = sub.add_parser("ablate", help="remove each layer, then contiguous blocks, in turn: CE/PPL; JSON")
+    p = add_command(
+        sub,
+        "ablate",
+        "remove each layer, then contiguous blocks, in turn: CE/PPL; JSON",
+        "Remove each decoder layer in turn (and each contiguous block of the given widths), score the held-out "
+        "text and compare the damage with seed 001's claims; writes the JSON and a report beside it.",
+        ["fragsim ablate (or: make ablate)", "fragsim ablate --model DIR --blocks 1,2 --max-tokens 128"],
+        [(0, "measured and written"), USAGE_EXIT, CRASH_EXIT],
+    )
     p.add_argument("--model", help="checkpoint dir (default: the embedded SmolLM2, prepared once)")
     p.add_argument("--text", help="held-out text file (default: coordinator/data/eval_text.txt)")
     p.add_argument(
@@ -296,11 +452,21 @@ def main(argv: list[str] | None = None) -> int:
         metavar="W,W,...",
         help="widths of the contiguous blocks removed (default 1,2,4; 1 = single layers, always measured)",
     )
-    p.add_argument("--out", default="artifacts/ablation.json")
-    p.add_argument("--threads", type=int, default=RunOptions.threads, help="torch threads (default: the run default)")
-    p.add_argument("--max-tokens", type=int, help="score only the first N tokens of the text")
+    p.add_argument("--out", default="artifacts/ablation.json", metavar="FILE", help="the JSON figures")
+    p.add_argument("--threads", type=int, default=RunOptions.threads, help="torch threads")
+    p.add_argument("--max-tokens", type=int, metavar="N", help="score only the first N tokens of the text")
 
-    p = sub.add_parser("sweep", help="repeated real runs per fragment count and order: latency stats, determinism")
+    p = add_command(
+        sub,
+        "sweep",
+        "repeated real runs per fragment count and order: latency stats, determinism",
+        "Fresh real runs, repeated, for each fragment count and launch order: latency statistics with "
+        "bootstrap confidence intervals, and a check that every run's outputs are identical; writes sweep.json, "
+        "sweep.md and report.html.",
+        ["fragsim sweep (or: make sweep)", "fragsim sweep --fragments 2,4 --orders forward,random --trials 3"],
+        [(0, "every run matched its baseline and the outputs agreed"), (1, "some run did not"), USAGE_EXIT,
+         CRASH_EXIT],
+    )  # fmt: skip
     p.add_argument("--model", help="checkpoint dir (default: the embedded SmolLM2, prepared once)")
     p.add_argument("--fragments", default="2,4,6", metavar="N,N,...", help="fragment counts (default 2,4,6)")
     p.add_argument("--trials", type=int, default=5, help="fresh real runs per fragment count and order (default 5)")
@@ -310,12 +476,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, help="torch threads (default: the run default)")
     p.add_argument("--out", default="artifacts/sweep", help="sweep.json, sweep.md and runs/ (default artifacts/sweep)")
 
-    p = sub.add_parser(
+    p = add_command(
+        sub,
         "report",
-        help="one HTML page of figures and tables for runs, sweeps and ablations",
-        description="Write a self-contained HTML report (inline SVG figures, no scripts, no network). "
-        "Example: fragsim report artifacts/runs/RUN_ID; fragsim report artifacts/sweep artifacts/ablation.json "
-        "--out paper.html. Exit statuses: 0 written, 2 bad input.",
+        "one HTML page of figures and tables for runs, sweeps and ablations",
+        "Write a self-contained HTML report (inline SVG figures, no scripts, no network references).",
+        [
+            "fragsim report artifacts/runs/RUN_ID",
+            "fragsim report artifacts/sweep artifacts/ablation.json --out paper.html",
+        ],
+        [(0, "written"), (RunExit.USAGE, "bad input (nothing written)"), CRASH_EXIT],
     )
     p.add_argument(
         "targets",
@@ -331,12 +501,15 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     d = RunOptions()
-    p = sub.add_parser(
+    p = add_command(
+        sub,
         "plan",
-        help="write a run directory and one agent bundle per fragment, for agents on other hosts",
-        description="Plan a run whose agents run elsewhere. Example: fragsim plan --model DIR --fragments 4 "
-        "--out runs/r1 --bind tcp://0.0.0.0:5555, then fragsim serve runs/r1 here and fragsim agent --bundle ... "
-        "on each host. Exit statuses: 0 planned, 2 bad input (nothing created).",
+        "write a run directory and one agent bundle per fragment, for agents on other hosts",
+        "Plan a run whose agents run elsewhere: the run directory (plan, keys) and one owner-only bundle per "
+        "fragment (the plan, that agent's key pair, the coordinator's public key). Then fragsim serve RUN_DIR "
+        "here and fragsim agent --bundle FILE on each host.",
+        ["fragsim plan --model DIR --fragments 4 --out runs/r1 --bind tcp://0.0.0.0:5555"],
+        [(0, "planned"), (RunExit.USAGE, "bad input (nothing created)"), CRASH_EXIT],
     )
     p.add_argument("--model", help="a local Hugging Face checkpoint dir (default: the embedded SmolLM2, prepared once)")
     p.add_argument("--dtype", default=d.dtype, choices=["float32", "bfloat16"], help="the embedded model's dtype")
@@ -356,41 +529,56 @@ def main(argv: list[str] | None = None) -> int:
         "--artifacts", default=d.artifacts, help=f"where the default model is prepared (default {d.artifacts})"
     )
 
-    p = sub.add_parser(
+    p = add_command(
+        sub,
         "serve",
-        help="the coordinator of a planned run, with the live view; agents come from other hosts",
-        description="Example: fragsim serve runs/r1 [--bind tcp://10.0.0.1:5555]. Records the baseline if the run "
-        "has none, waits for the agents, shows them arrive and ends with the verdict. Exit statuses as simulate: 0 "
-        "bit-exact, 1 mismatch, 2 bad input, 3 incomplete, 4 no results, 6 storage, 7 internal error. The raw "
-        "coordinator process (JSON lines) is python -m coordinator --run-dir DIR.",
+        "the coordinator of a planned run, with the live view; agents come from other hosts",
+        "Record the baseline if the run has none, wait for the agents, show them arrive and end with the "
+        "verdict, as simulate does. The raw coordinator process (JSON lines) is python -m coordinator "
+        "--run-dir DIR.",
+        ["fragsim serve runs/r1", "fragsim serve runs/r1 --bind tcp://10.0.0.1:5555"],
+        RUN_EXITS,
     )
-    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="the run directory fragsim plan wrote")
     p.add_argument("--bind", help="endpoint to bind (default: the one the run was planned with)")
 
-    p = sub.add_parser(
+    p = add_command(
+        sub,
         "agent",
-        help="stream one fragment: from a bundle on any host, or from a local run directory",
-        description="Example: fragsim agent --bundle fragment_01.bundle --source /models/smollm2 --connect "
-        "tcp://10.0.0.1:5555. Verifies the local source against the plan's digests before sending, retries an "
-        "unreachable coordinator with backoff, and resumes where a previous attempt stopped. Exit statuses: 0 "
-        "committed, 2 bad bundle, fragment or source (nothing sent), 3 no coordinator answered within --retry-for, "
-        "4 refused by the coordinator, 5 the coordinator went silent.",
+        "stream one fragment: from a bundle on any host, or from a local run directory",
+        "Verify the local source against the plan's digests before sending, retry an unreachable coordinator "
+        "with backoff, and resume where a previous attempt stopped.",
+        ["fragsim agent --bundle fragment_01.bundle --source /models/smollm2 --connect tcp://10.0.0.1:5555"],
+        [
+            (AgentExit.COMMITTED, "the fragment was committed"),
+            (AgentExit.BAD_SETUP, "bad bundle, fragment or source: permanent, nothing was sent"),
+            (AgentExit.NO_WELCOME, "no coordinator answered within --retry-for: retriable"),
+            (AgentExit.REJECTED, "refused by the coordinator for good: permanent"),
+            (AgentExit.COORDINATOR_LOST, "the coordinator went silent mid-transfer: retriable, resumes"),
+        ],
     )
     where = p.add_mutually_exclusive_group(required=True)
     where.add_argument("--bundle", metavar="FILE", help="the bundle fragsim plan wrote for this fragment")
     where.add_argument("--run-dir", help="a local run directory (how simulate starts its agents)")
-    p.add_argument("--fragment", type=int, help="the fragment to serve (with --bundle: must be the bundle's)")
+    p.add_argument(
+        "--fragment", type=int, help="the fragment to serve (with --bundle: must be the bundle's; default none)"
+    )
     p.add_argument("--source", metavar="DIR", help="this host's copy of the source (default: the plan's path)")
     p.add_argument("--connect", required=True, metavar="ENDPOINT", help="the coordinator, e.g. tcp://HOST:5555")
     p.add_argument(
         "--retry-for", type=float, default=300.0, metavar="SECONDS",
         help="with --bundle: keep asking a coordinator that does not answer this long (default 300)",
     )  # fmt: skip
-    p.add_argument("--log-dir", help="with --bundle: where logs/agent_KK.jsonl goes (default: beside the bundle)")
+    p.add_argument(
+        "--log-dir", metavar="DIR", help="with --bundle: where logs/agent_KK.jsonl goes (default: beside the bundle)"
+    )
 
     _manage_parsers(sub)
+    return parser
 
-    args = parser.parse_args(argv)
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         return _run(args)
     except USER_ERRORS as exc:  # bad input: one line, usage status, nothing was created

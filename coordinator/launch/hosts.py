@@ -17,17 +17,15 @@ from protocol.errors import PlanError
 from protocol.exit_codes import RunExit
 from sandbox import layout
 
-BUNDLES_DIR = "bundles"
-
 
 def bundle_name(fragment: int) -> str:
-    return f"{BUNDLES_DIR}/fragment_{fragment:02d}.bundle"
+    return f"{layout.BUNDLES_DIR}/fragment_{fragment:02d}.bundle"
 
 
 def write_bundles(run: PreparedRun) -> list[Path]:
     """One owner-only file per fragment: the plan, its key pair, the coordinator's public key."""
     curve = run.plan.extra.get("curve")
-    run.box.mkdir(BUNDLES_DIR)
+    run.box.mkdir(layout.BUNDLES_DIR)
     out = []
     for fragment in run.plan.fragments:
         keys = layout.read_key_pair(run.run_dir, fragment.index) if curve else None

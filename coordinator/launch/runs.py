@@ -25,9 +25,10 @@ COMPLETE = "complete"  # results.json: complete, and the final checkpoint matche
 MISMATCH = "mismatch"  # complete, but the final checkpoint did not match
 INCOMPLETE = "incomplete"  # results.json: agents ended without delivering every fragment
 COORDINATOR_KILLED = "coordinator killed"  # no results: --kill-coordinator (continue with fragsim resume)
-FAILED = "failed"  # no results otherwise (planned and never served, crashed, interrupted)
+PLANNED = "planned"  # fragsim plan wrote its bundles, and no coordinator has served it yet
+FAILED = "failed"  # no results otherwise (crashed, interrupted)
 RUNNING = "running"  # its coordinator process is alive: never removed
-STATUSES = (COMPLETE, MISMATCH, INCOMPLETE, COORDINATOR_KILLED, FAILED, RUNNING)
+STATUSES = (COMPLETE, MISMATCH, INCOMPLETE, COORDINATOR_KILLED, PLANNED, FAILED, RUNNING)
 
 
 @dataclass(frozen=True)
@@ -98,10 +99,10 @@ def disk_usage(path: Path) -> tuple[int, int]:
     return size, freed
 
 
-def _coordinator_log(run_dir: Path) -> tuple[bool, int | None]:
-    """(the log shows a coordinator kill point, the pid of the last coordinator process if it
-    has not finished the run)."""
-    killed, pid = False, None
+def _coordinator_log(run_dir: Path) -> tuple[bool, bool, int | None]:
+    """(a coordinator process ever started, the log shows a coordinator kill point, the pid of
+    the last coordinator process if it has not finished the run)."""
+    started, killed, pid = False, False, None
     try:
         with open(run_dir / layout.COORDINATOR_LOG, encoding="utf-8", errors="replace") as fh:
             for line in fh:
@@ -117,12 +118,13 @@ def _coordinator_log(run_dir: Path) -> tuple[bool, int | None]:
                 if event == E.FAULT_KILL_POINT and d.get("target") == "coordinator":
                     killed = True
                 elif event == E.PROCESS_START:
+                    started = True
                     pid = d.get("pid") if isinstance(d.get("pid"), int) else None
                 elif event == E.RUN_FINISHED:
                     pid = None
     except OSError:
         pass
-    return killed, pid
+    return started, killed, pid
 
 
 def _is_coordinator_of(pid: int, run_dir: Path) -> bool:
@@ -138,7 +140,7 @@ def _is_coordinator_of(pid: int, run_dir: Path) -> bool:
 
 def run_status(run_dir: Path) -> tuple[str, bool | None]:
     """(status, verdict) of one run directory: see STATUSES."""
-    killed, live_pid = _coordinator_log(run_dir)
+    started, killed, live_pid = _coordinator_log(run_dir)
     if live_pid is not None and _is_coordinator_of(live_pid, run_dir):
         return RUNNING, None
     results = _read_json(run_dir / layout.RESULTS_JSON)
@@ -155,6 +157,8 @@ def run_status(run_dir: Path) -> tuple[str, bool | None]:
     kills = kills if isinstance(kills, list) else []
     if killed or any(isinstance(k, dict) and k.get("target") == "coordinator" for k in kills):
         return COORDINATOR_KILLED, None
+    if not started and (run_dir / layout.BUNDLES_DIR).is_dir():
+        return PLANNED, None
     return FAILED, None
 
 
@@ -291,7 +295,7 @@ def runs_command(root: Path, as_json: bool) -> int:
     table = Table(title=f"runs under {root}")
     for header in ("id", "model", "fragments", "order", "status", "verdict", "size", "age", "path"):
         table.add_column(header, no_wrap=header in ("id", "status", "size", "age"), overflow="fold")
-    colors = {COMPLETE: "green", MISMATCH: "red", INCOMPLETE: "yellow", RUNNING: "cyan"}
+    colors = {COMPLETE: "green", MISMATCH: "red", INCOMPLETE: "yellow", RUNNING: "cyan", PLANNED: "cyan"}
     for r in runs:
         verdict = {True: "matches", False: "differs", None: "–"}[r.verdict]
         color = colors.get(r.status, "red")
