@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: venv prepare simulate chaos chaos-soak replay report bench ablate sweep lint browser test test-fast clean-runs
+.PHONY: venv prepare simulate chaos chaos-soak replay report bench ablate sweep lint browser test test-fast test-ray clean-runs
 
 # The documented fault-injection default: two agents SIGKILLed at different points and
 # respawned, and the coordinator SIGKILLed at 60% of all bytes and resumed from the sandbox.
@@ -84,11 +84,22 @@ browser: $(STAMP)
 	else echo "not root or no apt-get: chromium not installed; the browser test will skip" | tee $(CHROMIUM_LOG); fi
 
 test: browser
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not ray" $(PYTEST_ARGS)
 
 # Everything but the real-model end-to-end test.
 test-fast: $(STAMP)
-	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not slow and not ray" $(PYTEST_ARGS)
+
+# The optional Ray extra, and the tests of fragsim serve --ray against a real local Ray cluster.
+RAY_STAMP := $(VENV)/.installed-ray
+$(RAY_STAMP): $(STAMP)
+	@mkdir -p $(VENV)/.pip-tmp
+	$(PIP) -e '.[dev,ray]'
+	rm -rf $(VENV)/.pip-tmp
+	touch $(RAY_STAMP)
+
+test-ray: $(RAY_STAMP)
+	$(PY) -m pytest -m ray $(PYTEST_ARGS)
 
 clean-runs:
 	rm -rf artifacts/runs artifacts/soak-runs artifacts/bench-runs artifacts/outside-kill-runs artifacts/outside-kill-runs-real

@@ -22,13 +22,28 @@ class RunExit(IntEnum):
 
 
 class AgentExit(IntEnum):
-    """One agent process."""
+    """One agent process. Every status but COMMITTED is permanent or retriable, and launchers
+    (Kubernetes podFailurePolicy, Slurm scripts, Ray, simulate's driver) decide by that alone:
+    see PERMANENT_AGENT_EXITS and RETRIABLE_AGENT_EXITS."""
 
     COMMITTED = 0
-    BAD_SETUP = 2  # bad options, missing plan or keys, a source that differs from the plan
+    BAD_SETUP = 2  # bad options or launcher variable, missing plan or keys, a source that differs from the plan
     NO_WELCOME = 3  # the coordinator never answered HELLO
     REJECTED = 4  # the coordinator refused this agent for good
     COORDINATOR_LOST = 5  # the coordinator went silent mid-transfer
+    TERMINATED = 143  # 128 + SIGTERM: asked to stop, stopped after draining (a shell reports a SIGTERM death so)
+
+
+# The same agent started again fails the same way: fix the bundle, source or plan first.
+PERMANENT_AGENT_EXITS = frozenset({AgentExit.BAD_SETUP, AgentExit.REJECTED})
+# A new attempt for the same fragment is sent only the pieces the coordinator still lacks.
+RETRIABLE_AGENT_EXITS = frozenset({AgentExit.NO_WELCOME, AgentExit.COORDINATOR_LOST, AgentExit.TERMINATED})
+
+
+def is_permanent_agent_exit(code: int) -> bool:
+    """True for a status no retry can fix. Any other failure (retriable, or a status that is no
+    AgentExit: a crash, a signal) is worth another attempt, up to the launcher's own limit."""
+    return code in PERMANENT_AGENT_EXITS
 
 
 def exit_process(code: int) -> NoReturn:

@@ -41,3 +41,21 @@ AGENT_COMMITTED = "agent.committed"
 AGENT_COORDINATOR_LOST = "agent.coordinator_lost"
 AGENT_NO_WELCOME = "agent.no_welcome"
 AGENT_SETUP_FAILED = "agent.setup_failed"
+AGENT_READY = "agent.ready"  # --ready-file written: source verified and WELCOME received
+AGENT_TERMINATED = "agent.terminated"  # stopped on request (SIGTERM, or a caller's stop event) after draining
+
+# serve --ray (logs/ray.jsonl): Ray's placement, restarts and membership, as the launcher saw them
+RAY_NODE_DISCOVERED = "ray.node_discovered"  # a node's bundles and source checked: what it can serve
+RAY_NODE_REFUSED = "ray.node_refused"  # a node that could not run the discovery task
+RAY_ACTOR_STARTED = "ray.actor_started"
+RAY_ACTOR_RUNNING = "ray.actor_running"  # its first answer: pid and node
+RAY_ACTOR_REATTACHED = "ray.actor_reattached"  # a restarted coordinator found a running actor by name
+RAY_ACTOR_KILLED = "ray.actor_killed"  # fault injection: SIGKILL of the actor's process
+RAY_ACTOR_RESTARTED = "ray.actor_restarted"  # Ray restarted an actor: a new pid
+RAY_ACTOR_FAILED = "ray.actor_failed"  # its agent ended with a permanent exit status
+RAY_NODE_LOST = "ray.node_lost"  # no alive node for a fragment's actor: moved, or a grace to rejoin
+RAY_NODE_REJOINED = "ray.node_rejoined"  # a node that can serve it came back within the grace
+RAY_TAKEOVER = "ray.takeover"  # another node that can serve the fragment took it over
+RAY_FRAGMENT_LOST = "ray.fragment_lost"  # no alive node can serve it: the run ends with the longest prefix
+RAY_ACTOR_ENDED = "ray.actor_ended"
+RAY_DISCONNECTED = "ray.disconnected"

@@ -22,6 +22,7 @@ RUN_SETTINGS = "run.json"
 RESULTS_JSON = "results.json"
 RESULTS_MD = "results.md"
 LAUNCHER_JSON = "launcher.json"
+RAY_JSON = "ray.json"  # serve --ray: the cluster address and the endpoint its actors stream to
 REPORT_HTML = "report.html"
 # A copy, so the run is self-contained: baseline, coordinator and a resume score the same text.
 EVAL_TEXT = "eval_text.txt"
@@ -40,6 +41,7 @@ SNAPSHOT_INDEX = "model.safetensors.index.json"
 LOGS = "logs"
 COORDINATOR_LOG = f"{LOGS}/coordinator.jsonl"
 COORDINATOR_STDERR = f"{LOGS}/coordinator.stderr"
+RAY_LOG = f"{LOGS}/ray.jsonl"  # serve --ray: discovery, placement, restarts, takeovers
 
 
 def staging_dir(fragment: int) -> str:
@@ -65,6 +67,11 @@ def snapshot_weights(fragment: int) -> str:
 
 def agent_log(fragment: int) -> str:
     return f"{LOGS}/agent_{fragment:02d}.jsonl"
+
+
+def bundle_file_name(fragment: int) -> str:
+    """A fragment's bundle, as fragsim plan names it inside bundles/ and agents find it on their host."""
+    return f"fragment_{fragment:02d}.bundle"
 
 
 def agent_stderr(fragment: int) -> str:

@@ -228,6 +228,37 @@ def _simulate_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
     )
 
 
+def _ray_arguments(p: argparse.ArgumentParser) -> None:
+    from coordinator.launch.ray_fleet import REJOIN_GRACE_S  # the module imports Ray only when used
+
+    ray = p.add_argument_group("Ray (the optional extra: pip install 'fragsim[ray]')")
+    ray.add_argument(
+        "--ray",
+        metavar="ADDRESS|auto",
+        help="run as the Ray driver: check each node's bundles and source, start one actor per fragment on a "
+        "node that can serve it, restart and move them; a restarted coordinator finds its actors by name "
+        "(default off)",
+    )
+    ray.add_argument(
+        "--source",
+        metavar="DIR",
+        help="with --ray: where every node keeps its copy of the source (default: the plan's path)",
+    )
+    ray.add_argument(
+        "--bundles",
+        metavar="DIR",
+        help="with --ray: where every node keeps its bundles (default: RUN_DIR/bundles, a shared filesystem)",
+    )
+    ray.add_argument(
+        "--rejoin-grace",
+        type=float,
+        default=REJOIN_GRACE_S,
+        metavar="SECONDS",
+        help="with --ray: how long a fragment whose nodes are all gone waits for one to come back before the "
+        f"run ends without it (default {REJOIN_GRACE_S:g})",
+    )
+
+
 def fragsim_version() -> str:
     """The installed distribution's version, else the one pyproject.toml declares."""
     import re
@@ -343,6 +374,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("run_dir", metavar="RUN_DIR", help="the run directory (artifacts/runs/<run id>)")
     p.add_argument("--no-respawn", action="store_true", help="do not respawn agents killed from now on")
+    _ray_arguments(p)
 
     p = add_command(
         sub,
@@ -540,29 +572,66 @@ def build_parser() -> argparse.ArgumentParser:
         RUN_EXITS,
     )
     p.add_argument("run_dir", metavar="RUN_DIR", help="the run directory fragsim plan wrote")
-    p.add_argument("--bind", help="endpoint to bind (default: the one the run was planned with)")
+    p.add_argument(
+        "--bind", help="endpoint to bind (default: the one the run was planned with; with --ray, on this node)"
+    )
+    _ray_arguments(p)
+    faults = p.add_argument_group("fault injection (with --ray)")
+    faults.add_argument(
+        "--kill",
+        action="append",
+        default=[],
+        metavar="FRAG@FRACTION",
+        help="SIGKILL that fragment's Ray actor once FRACTION of its bytes arrived; Ray restarts it and it "
+        "resumes; repeatable",
+    )
+    faults.add_argument(
+        "--kill-coordinator",
+        metavar="FRACTION",
+        help="SIGKILL the coordinator once FRACTION of all bytes arrived; the actors stay up for "
+        "fragsim resume RUN_DIR --ray ADDRESS",
+    )
 
+    from protocol.exit_codes import is_permanent_agent_exit
+
+    agent_exits = {
+        AgentExit.COMMITTED: "the fragment was committed",
+        AgentExit.BAD_SETUP: "bad bundle, fragment, launcher variable or source; nothing was sent",
+        AgentExit.NO_WELCOME: "no coordinator answered within --retry-for",
+        AgentExit.REJECTED: "refused by the coordinator for good",
+        AgentExit.COORDINATOR_LOST: "the coordinator went silent mid-transfer; a new attempt resumes",
+        AgentExit.TERMINATED: "stopped by SIGTERM after draining (128+15); a new attempt resumes",
+    }
     p = add_command(
         sub,
         "agent",
         "stream one fragment: from a bundle on any host, or from a local run directory",
         "Verify the local source against the plan's digests before sending, retry an unreachable coordinator "
-        "with backoff, and resume where a previous attempt stopped.",
-        ["fragsim agent --bundle fragment_01.bundle --source /models/smollm2 --connect tcp://10.0.0.1:5555"],
+        "with backoff, and resume where a previous attempt stopped. With --bundle the fragment may come from "
+        "the launcher: JOB_COMPLETION_INDEX (Kubernetes indexed Job), else SLURM_PROCID (srun), else RANK; "
+        "SIGTERM stops it cleanly. A launcher retries the retriable statuses and gives up on the permanent ones.",
         [
-            (AgentExit.COMMITTED, "the fragment was committed"),
-            (AgentExit.BAD_SETUP, "bad bundle, fragment or source: permanent, nothing was sent"),
-            (AgentExit.NO_WELCOME, "no coordinator answered within --retry-for: retriable"),
-            (AgentExit.REJECTED, "refused by the coordinator for good: permanent"),
-            (AgentExit.COORDINATOR_LOST, "the coordinator went silent mid-transfer: retriable, resumes"),
+            "fragsim agent --bundle fragment_01.bundle --source /models/smollm2 --connect tcp://10.0.0.1:5555",
+            "srun fragsim agent --bundle 'bundles/fragment_{fragment:02d}.bundle' --connect tcp://10.0.0.1:5555",
         ],
-    )
+        [
+            (code, words if code == AgentExit.COMMITTED else
+             f"{'permanent' if is_permanent_agent_exit(code) else 'retriable'}: {words}")
+            for code, words in agent_exits.items()
+        ],
+    )  # fmt: skip
     where = p.add_mutually_exclusive_group(required=True)
-    where.add_argument("--bundle", metavar="FILE", help="the bundle fragsim plan wrote for this fragment")
+    where.add_argument(
+        "--bundle", metavar="FILE",
+        help="the bundle fragsim plan wrote for this fragment; {fragment} or {fragment:02d} in it is replaced by "
+        "the fragment index (default none)",
+    )  # fmt: skip
     where.add_argument("--run-dir", help="a local run directory (how simulate starts its agents)")
     p.add_argument(
-        "--fragment", type=int, help="the fragment to serve (with --bundle: must be the bundle's; default none)"
-    )
+        "--fragment", type=int,
+        help="the fragment to serve (with --bundle: must be the bundle's; default: JOB_COMPLETION_INDEX, "
+        "SLURM_PROCID or RANK, the first one set, else the bundle's)",
+    )  # fmt: skip
     p.add_argument("--source", metavar="DIR", help="this host's copy of the source (default: the plan's path)")
     p.add_argument("--connect", required=True, metavar="ENDPOINT", help="the coordinator, e.g. tcp://HOST:5555")
     p.add_argument(
@@ -572,6 +641,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--log-dir", metavar="DIR", help="with --bundle: where logs/agent_KK.jsonl goes (default: beside the bundle)"
     )
+    p.add_argument(
+        "--ready-file", metavar="PATH",
+        help="with --bundle: written (JSON: run, fragment, pid, endpoint) once the source is verified and the "
+        "coordinator welcomed this agent, and left in place; a leftover is removed at start (default none)",
+    )  # fmt: skip
 
     _manage_parsers(sub)
     return parser
@@ -629,6 +703,13 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "resume":
         from coordinator.launch.simulate import resume_run
 
+        if args.ray:
+            from coordinator.launch.hosts import RayServe, serve_command
+
+            on_ray = RayServe(args.ray, args.source, args.bundles, args.rejoin_grace)
+            return serve_command(Path(args.run_dir), ray=on_ray)
+        if args.source or args.bundles:
+            raise PlanError("--source/--bundles", args.source or args.bundles, "only with --ray")
         return resume_run(Path(args.run_dir), respawn=not args.no_respawn)
     if args.command == "replay":
         return replay_command(args)
@@ -702,15 +783,23 @@ def _run(args: argparse.Namespace) -> int:
         fields = ("model", "dtype", "fragments", "ranges", "run_dir", "bind", "prompt", "max_new_tokens", "threads")
         return plan_command(SimulateOptions(order="forward", **{k: getattr(args, k) for k in (*fields, "artifacts")}))
     if args.command == "serve":
-        from coordinator.launch.hosts import serve_command
+        from coordinator.launch.hosts import RayServe, serve_command
 
-        return serve_command(Path(args.run_dir), args.bind)
+        if not args.ray and (args.source or args.bundles):
+            raise PlanError("--source/--bundles", args.source or args.bundles, "only with --ray")
+        ray = RayServe(args.ray, args.source, args.bundles, args.rejoin_grace) if args.ray else None
+        return serve_command(Path(args.run_dir), args.bind, ray=ray, kills=args.kill,
+                             kill_coordinator=args.kill_coordinator)  # fmt: skip
     if args.command == "agent":
         from agents.agent import main_agent, main_bundle_agent
 
         if args.bundle:
-            return main_bundle_agent(args.bundle, args.source, args.connect, fragment=args.fragment,
-                                     retry_for_s=args.retry_for, log_dir=args.log_dir)  # fmt: skip
+            from agents.launcher_env import stop_on_sigterm
+
+            with stop_on_sigterm() as stop:  # SIGTERM: drain, BYE, exit 143
+                return main_bundle_agent(args.bundle, args.source, args.connect, fragment=args.fragment,
+                                         retry_for_s=args.retry_for, log_dir=args.log_dir, environ=os.environ,
+                                         stop=stop, ready_file=args.ready_file)  # fmt: skip
         if args.fragment is None:
             raise PlanError("--fragment", None, "the fragment index (required with --run-dir)")
         return main_agent(args.run_dir, args.fragment, args.connect)

@@ -20,11 +20,12 @@ from coordinator.launch.agents import AgentLauncher
 from coordinator.launch.faults import START, parse_coordinator_kill, parse_kill, random_kills
 from coordinator.launch.options import PreparedRun, SimulateOptions
 from protocol import link
-from protocol.exit_codes import AgentExit
+from protocol.exit_codes import RETRIABLE_AGENT_EXITS, AgentExit
 from protocol.run_settings import DEFAULT_BIND
 from sandbox import Sandbox, layout
 
 if TYPE_CHECKING:
+    from coordinator.launch.ray_fleet import RayFleet
     from coordinator.launch.terminal import LiveView
 
 READY_TIMEOUT_S = 180.0  # a cold start imports torch and transformers on a busy machine
@@ -32,7 +33,7 @@ FINISH_TIMEOUT_S = 60.0  # from the coordinator's "finished" to its exit
 AGENT_RETRIES = 3  # restarts of an agent that exited with a retriable status (coordinator lost, no welcome)
 RETRY_DELAY_S = 0.5
 COORDINATOR_STOPPED_S = 60.0  # a coordinator stopped (SIGSTOP) this long is given up on
-RETRIABLE = {int(AgentExit.NO_WELCOME), int(AgentExit.COORDINATOR_LOST)}
+RETRIABLE = {int(code) for code in RETRIABLE_AGENT_EXITS}
 
 
 class CoordinatorGone(RuntimeError):
@@ -133,11 +134,14 @@ class Driver:
         faults: dict[str, Any],
         *,
         local_agents: bool = True,
+        fleet: RayFleet | None = None,
     ) -> None:
         """`local_agents` False: agents run elsewhere (`fragsim agent --bundle`); the launcher
-        starts none and waits for theirs, however long they take."""
+        starts none and waits for theirs, however long they take. `fleet`: they are Ray actors
+        (`serve --ray`), which this loop supervises and, for fault injection, kills."""
         self.opts, self.run, self.console = opts, run, console
         self.local_agents = local_agents
+        self.fleet = fleet
         self.start_kills = [f for f, x in faults["kills"] if x == START]
         self.coordinator_faults = {
             "kills": [[f, x] for f, x in faults["kills"] if x != START],
@@ -219,6 +223,12 @@ class Driver:
 
     def kill_agent(self, fragment: int, fraction: Any) -> None:
         assert self.launcher is not None
+        if self.fleet is not None:  # Ray restarts the actor, which resumes: no respawn of ours
+            pid = self.fleet.kill_actor(fragment)
+            self.kills.append({"target": "agent", "fragment": fragment, "fraction": fraction, "pid": pid,
+                               "t": time.time(), "ray": True})  # fmt: skip
+            self.say(f"[red]SIGKILL[/] agent {fragment}'s Ray actor (pid {pid}) at {fraction}")
+            return
         proc = self.launcher.procs[fragment]
         self.launcher.kill(fragment)
         self.kills.append(
@@ -270,6 +280,8 @@ class Driver:
         self.start_coordinator()
         self.await_ready()
         self.say(f"coordinator resumed from the sandbox (resume {self.resumes})")
+        if self.fleet is not None:
+            self.fleet.start(self.launcher.endpoint, self.committed)
         for fragment in self.started:
             if fragment not in self.committed and fragment not in self.given_up:
                 self.respawn_at[fragment] = time.monotonic()
@@ -335,6 +347,8 @@ class Driver:
                 self.coordinator_code = self.coordinator.proc.wait()
                 return "coordinator stopped"
             self._sample_memory()
+            if self.fleet is not None:
+                self._supervise_fleet()
             if (
                 self.local_agents
                 and not self.pending
@@ -347,6 +361,15 @@ class Driver:
                 # Nobody left to deliver the missing fragments: finish with the longest prefix.
                 self.coordinator.control(link.END, "every agent has exited")
                 self.asked_to_end = True
+
+    def _supervise_fleet(self) -> None:
+        assert self.fleet is not None and self.coordinator is not None
+        lost = self.fleet.tick(self.committed)
+        missing = set(range(len(self.run.plan.fragments))) - self.committed
+        if lost and missing <= lost and not self.asked_to_end:
+            # No alive node can serve what is missing: finish with the longest prefix.
+            self.coordinator.control(link.END, f"no Ray node can serve fragments {sorted(lost)}")
+            self.asked_to_end = True
 
     def _sample_memory(self) -> None:
         """Peak resident memory of the coordinator and of each agent, sampled every 50 ms, and

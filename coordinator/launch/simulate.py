@@ -11,7 +11,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.markup import escape
@@ -30,6 +30,9 @@ from protocol.layers import parse_ranges, split_layers
 from protocol.plan import Plan
 from protocol.run_settings import RunSettings
 from sandbox import Sandbox, layout
+
+if TYPE_CHECKING:
+    from coordinator.launch.ray_fleet import RayFleet
 
 
 def resolve_source(opts: SimulateOptions, console: Console) -> tuple[Path, str]:
@@ -91,12 +94,15 @@ def execute_run(
     with_baseline: bool = True,
     prefetch_report: bool = False,
     local_agents: bool = True,
+    fleet: RayFleet | None = None,
 ) -> tuple[int, dict[str, Any] | None]:
     """Start the coordinator, record the baseline, launch agents in order; (exit code, results).
     `prefetch_report`: import the report's modules while the agents stream; `local_agents`
-    False: start no agents, wait for the ones other hosts start (`fragsim serve`)."""
+    False: start no agents, wait for the ones other hosts start (`fragsim serve`); `fleet`:
+    they are Ray actors, started once the coordinator listens (`fragsim serve --ray`)."""
     faults = run_faults(opts, len(run.plan.fragments))
-    driver = Driver(opts, run, console, faults, local_agents=local_agents)
+    driver = Driver(opts, run, console, faults, local_agents=local_agents, fleet=fleet)
+    outcome = "not started"
     launched = time.time()
     if not with_baseline and not run.box.exists(layout.BASELINE_JSON):
         from coordinator.launch.baseline import SourceModel
@@ -132,6 +138,9 @@ def execute_run(
         if not local_agents:
             assert driver.launcher is not None
             console.print(f"coordinator listening on [bold]{driver.launcher.endpoint}[/]; waiting for the agents")
+        if fleet is not None:
+            assert driver.launcher is not None
+            fleet.start(driver.launcher.endpoint, driver.committed)
         if prefetch_report:  # after the baseline: torch's import and matplotlib's never overlap
             import_report_in_background()
         with LiveView(console, run.plan) as view:
@@ -142,6 +151,8 @@ def execute_run(
         return RunExit.FAILED, None
     finally:
         driver.shutdown()
+        if fleet is not None:  # actors of a run that did not end stay up for `fragsim resume --ray`
+            fleet.finish(keep=outcome not in ("complete", "incomplete"))
     if outcome in ("coordinator killed", "coordinator stopped"):
         console.print(f"[bold red]the {outcome}[/]; continue with: fragsim resume {run.run_dir}")
         return RunExit.COORDINATOR_KILLED, None
@@ -177,6 +188,9 @@ def resume_run(
     respawn: bool = True,
     local_agents: bool = True,
     bind: str | None = None,
+    fleet: RayFleet | None = None,
+    kills: list[str] | None = None,
+    kill_coordinator: str | None = None,
 ) -> int:
     """Continue a run from its sandbox, which holds everything verified so far: after its
     coordinator died (`fragsim resume`), or a planned run whose agents are elsewhere
@@ -188,7 +202,7 @@ def resume_run(
     plan = Plan.loads(box.read_bytes(layout.PLAN))
     saved = _saved_settings(box, plan)
     opts = saved.options
-    opts.kill, opts.kill_random, opts.kill_coordinator, opts.respawn = [], 0, None, respawn
+    opts.kill, opts.kill_random, opts.kill_coordinator, opts.respawn = kills or [], 0, kill_coordinator, respawn
     if bind:
         opts.bind = bind
     if box.exists(layout.RESULTS_JSON) and json.loads(box.read_bytes(layout.RESULTS_JSON)).get(
@@ -201,7 +215,7 @@ def resume_run(
     # The baseline is recorded before the coordinator binds: a restored fragment, or one from
     # an agent that started first, is scored at once.
     code, results = execute_run(opts, run, console, with_baseline=False, prefetch_report=True,
-                                local_agents=local_agents)  # fmt: skip
+                                local_agents=local_agents, fleet=fleet)  # fmt: skip
     if results is not None:
         print_summary(console, results, run.run_dir)
     write_run_report(run, console)
