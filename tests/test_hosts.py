@@ -183,33 +183,42 @@ def _why_no_namespaces() -> str | None:
     return None
 
 
+def veth_namespaces(a: tuple[str, str, str], b: tuple[str, str, str]) -> None:
+    """Two network namespaces (name, device, address) joined by a veth pair, loopback up in
+    each; a namespace left by an earlier run is removed first."""
+    for ns, _, _ in (a, b):
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+    steps = [
+        ["ip", "netns", "add", a[0]],
+        ["ip", "netns", "add", b[0]],
+        ["ip", "link", "add", a[1], "type", "veth", "peer", "name", b[1]],
+    ]
+    for ns, dev, ip in (a, b):
+        steps += [
+            ["ip", "link", "set", dev, "netns", ns],
+            ["ip", "-n", ns, "addr", "add", f"{ip}/24", "dev", dev],
+            ["ip", "-n", ns, "link", "set", dev, "up"],
+            ["ip", "-n", ns, "link", "set", "lo", "up"],
+        ]
+    for step in steps:
+        subprocess.run(step, check=True, capture_output=True, text=True)
+
+
+def remove_namespaces(*names: str) -> None:
+    for ns in names:  # deleting a namespace removes its end of the veth pair
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+
+
 @pytest.fixture
 def two_hosts() -> Iterator[None]:
     why = _why_no_namespaces()
     if why:
         pytest.skip(why)
-    for ns in (NS_SERVER, NS_AGENTS):
-        subprocess.run(["ip", "netns", "del", ns], capture_output=True)
-    steps = [
-        ["ip", "netns", "add", NS_SERVER],
-        ["ip", "netns", "add", NS_AGENTS],
-        ["ip", "link", "add", "fsv-coord", "type", "veth", "peer", "name", "fsv-agents"],
-        ["ip", "link", "set", "fsv-coord", "netns", NS_SERVER],
-        ["ip", "link", "set", "fsv-agents", "netns", NS_AGENTS],
-        ["ip", "-n", NS_SERVER, "addr", "add", f"{SERVER_IP}/24", "dev", "fsv-coord"],
-        ["ip", "-n", NS_AGENTS, "addr", "add", f"{AGENTS_IP}/24", "dev", "fsv-agents"],
-        ["ip", "-n", NS_SERVER, "link", "set", "fsv-coord", "up"],
-        ["ip", "-n", NS_AGENTS, "link", "set", "fsv-agents", "up"],
-        ["ip", "-n", NS_SERVER, "link", "set", "lo", "up"],
-        ["ip", "-n", NS_AGENTS, "link", "set", "lo", "up"],
-    ]
     try:
-        for step in steps:
-            subprocess.run(step, check=True, capture_output=True, text=True)
+        veth_namespaces((NS_SERVER, "fsv-coord", SERVER_IP), (NS_AGENTS, "fsv-agents", AGENTS_IP))
         yield
     finally:
-        for ns in (NS_SERVER, NS_AGENTS):  # deleting a namespace removes its end of the veth pair
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+        remove_namespaces(NS_SERVER, NS_AGENTS)
 
 
 def test_two_hosts_in_network_namespaces_with_curve_end_bit_exact(

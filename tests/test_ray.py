@@ -164,7 +164,7 @@ def test_a_node_removed_without_grace_is_replaced_by_another_node_with_its_resou
     try:
         # The kill point pauses fragment 1 half way; its actor is dead while Ray restarts it:
         # then its node goes too, and a node that joins with the resource takes over.
-        _await_event(run_dir, "ray.actor_killed", serve)
+        await_event(run_dir, "ray.actor_killed", serve)
         cluster.add_node(num_cpus=1, resources={"fragsim_fragment_1": 1})
         cluster.remove_node(node_1, allow_graceful=False)
         out, _ = serve.communicate(timeout=RUN_TIMEOUT_S)
@@ -186,7 +186,7 @@ def test_a_node_lost_for_good_ends_the_run_with_the_longest_prefix_and_exit_3(
                               "--rejoin-grace", "2"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                              text=True)  # fmt: skip
     try:
-        _await_event(run_dir, "ray.actor_killed", serve)
+        await_event(run_dir, "ray.actor_killed", serve)
         cluster.remove_node(nodes[1], allow_graceful=False)
         out, _ = serve.communicate(timeout=RUN_TIMEOUT_S)
     finally:
@@ -238,13 +238,14 @@ def test_serve_ray_without_a_cluster_at_the_address_is_refused_within_its_bound(
     assert time.monotonic() - started < RUN_TIMEOUT_S
 
 
-def _await_event(run_dir: Path, event: str, proc: subprocess.Popen[str], timeout: float = 120) -> None:
+def await_event(run_dir: Path, event: str, proc: subprocess.Popen[str], timeout: float = 120) -> dict[str, Any]:
+    """The first `event` in logs/ray.jsonl, once it is there; fails if serve exits first."""
     deadline = time.monotonic() + timeout
-    log = run_dir / "logs" / "ray.jsonl"
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise AssertionError(f"serve exited with {proc.returncode} before {event}: {proc.stdout.read()}")  # type: ignore[union-attr]
+        log = run_dir / "logs" / "ray.jsonl"
         if log.exists() and f'"{event}"' in log.read_text():
-            return
+            return ray_events(run_dir, event)[0]
         time.sleep(0.05)
     raise AssertionError(f"no {event} within {timeout} s")

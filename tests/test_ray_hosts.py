@@ -19,7 +19,6 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import pytest
 from test_ray import NO_EXTRA
@@ -28,8 +27,8 @@ from conftest import REPO
 
 pytest.importorskip("ray", reason=NO_EXTRA)
 import psutil
-from test_hosts import _why_no_namespaces
-from test_ray import assert_bit_exact, plan, ray_events
+from test_hosts import _why_no_namespaces, remove_namespaces, veth_namespaces
+from test_ray import assert_bit_exact, await_event, plan, ray_events
 
 from coordinator.launch.ray_fleet import RAY_HEALTH_CHECK_ENV
 from protocol.exit_codes import RunExit
@@ -140,36 +139,19 @@ def two_hosts() -> Iterator[TwoHosts]:
     why = _why_no_namespaces()
     if why:
         pytest.skip(why)
-    for ns in (NS_HEAD, NS_WORKER):
-        subprocess.run(["ip", "netns", "del", ns], capture_output=True)
-    steps = [
-        ["ip", "netns", "add", NS_HEAD],
-        ["ip", "netns", "add", NS_WORKER],
-        ["ip", "link", "add", VETH_HEAD, "type", "veth", "peer", "name", VETH_WORKER],
-        ["ip", "link", "set", VETH_HEAD, "netns", NS_HEAD],
-        ["ip", "link", "set", VETH_WORKER, "netns", NS_WORKER],
-        ["ip", "-n", NS_HEAD, "addr", "add", f"{HEAD_IP}/24", "dev", VETH_HEAD],
-        ["ip", "-n", NS_WORKER, "addr", "add", f"{WORKER_IP}/24", "dev", VETH_WORKER],
-        ["ip", "-n", NS_HEAD, "link", "set", VETH_HEAD, "up"],
-        ["ip", "-n", NS_WORKER, "link", "set", VETH_WORKER, "up"],
-        ["ip", "-n", NS_HEAD, "link", "set", "lo", "up"],
-        ["ip", "-n", NS_WORKER, "link", "set", "lo", "up"],
-    ]
     temp = Path(tempfile.mkdtemp(prefix="fsrh-", dir="/tmp"))  # short: Ray's unix sockets live in it
     token = secrets.token_hex(16)
     env = {**os.environ, **RAY_HEALTH_CHECK_ENV, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}
     env.pop("RAY_ADDRESS", None)
     hosts = TwoHosts(temp, token, env)
     try:
-        for step in steps:
-            subprocess.run(step, check=True, capture_output=True, text=True)
+        veth_namespaces((NS_HEAD, VETH_HEAD, HEAD_IP), (NS_WORKER, VETH_WORKER, WORKER_IP))
         hosts.start_head()
         hosts.start_worker()
         yield hosts
     finally:
         kill_matching(str(temp), extra=hosts.procs)
-        for ns in (NS_HEAD, NS_WORKER):  # deleting a namespace removes its end of the veth pair
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+        remove_namespaces(NS_HEAD, NS_WORKER)
         shutil.rmtree(temp, ignore_errors=True)
         left = [p.pid for p in psutil.process_iter(["cmdline"]) if str(temp) in " ".join(p.info["cmdline"] or [])]
         assert not left, f"processes left running: {left}"
@@ -181,20 +163,6 @@ def finish(proc: subprocess.Popen[str]) -> str:
     finally:
         proc.kill()
     return out
-
-
-def await_event(run_dir: Path, event: str, proc: subprocess.Popen[str], timeout: float = 120) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    log = run_dir / "logs" / "ray.jsonl"
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"serve exited with {proc.returncode} before {event}: {proc.stdout.read()}")  # type: ignore[union-attr]
-        if log.exists():
-            found = [e for e in ray_events(run_dir, event)] if f'"{event}"' in log.read_text() else []
-            if found:
-                return found[0]
-        time.sleep(0.05)
-    raise AssertionError(f"no {event} within {timeout} s")
 
 
 def test_the_ray_recipe_across_two_namespaces_with_token_auth_ends_bit_exact(
