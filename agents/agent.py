@@ -8,6 +8,7 @@ resumes where a dead one stopped.
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 import sys
@@ -29,7 +30,9 @@ from protocol.errors import PlanError, ProtocolError
 from protocol.eventlog import log_start, open_event_log
 from protocol.exit_codes import AgentExit
 from protocol.messages import Frame, Message, decode_from_coordinator, encode, expand_want
+from protocol.pacing import TokenBucket, uplinks
 from protocol.plan import Fragment, Plan
+from protocol.run_settings import RunSettings
 from protocol.version import PROTOCOL_VERSION
 from sandbox import Sandbox, SandboxError, layout
 
@@ -128,13 +131,16 @@ class Agent:
         stop: threading.Event | None = None,
         on_welcome: Callable[[], None] | None = None,
         drain_s: float = DRAIN_S,
+        uplink_bytes_s: float | None = None,
     ) -> None:
         """`keys`: this agent's CURVE pair (default: from the run directory's keys/);
         `source_dir`: this host's copy of the source (default: the plan's path);
         `retry_for_s`: how long to keep asking a coordinator that does not answer (0: ask once);
         `say`: where a person reads progress (None: the log only);
         `stop`: set by another thread or a signal handler, makes `run` drain and return TERMINATED;
-        `on_welcome`: called once the coordinator's WELCOME arrived, before the first CHUNK."""
+        `on_welcome`: called once the coordinator's WELCOME arrived, before the first CHUNK;
+        `uplink_bytes_s`: this agent's own uplink (None: as fast as the socket takes it): sends
+        are paced to it, piece by piece."""
         self.run_dir = run_dir
         self.plan = plan
         if not 0 <= fragment_index < len(self.plan.fragments):
@@ -150,6 +156,7 @@ class Agent:
         self.stop = stop
         self.on_welcome = on_welcome
         self.drain_s = drain_s
+        self.uplink = TokenBucket(uplink_bytes_s) if uplink_bytes_s else None
         self.source = SourceCheckpoint(source_dir or self.plan.model["source_dir"])
         check_source(self.fragment, self.source)
         self.sent_bytes = 0
@@ -295,6 +302,8 @@ class Agent:
         )
         if self.on_welcome is not None:
             self.on_welcome()
+        if self.uplink is not None:
+            self.log.info(E.AGENT_PACED, uplink_bytes_s=self.uplink.rate)
         started = last_send = last_recv = last_said = time.monotonic()
         sent_at_start = self.sent_bytes
         drain_until: float | None = None  # set on a stop request: nothing new is sent from then
@@ -305,16 +314,27 @@ class Agent:
             # left to send, the agent waits for the verdict instead, so a commit is not missed.
             if drain_until is not None and ((queue and not in_flight) or time.monotonic() >= drain_until):
                 return self._terminated(sock, "sending" if queue else "waiting for the verdict", bye=True)
+            paced_s = 0.0  # with an uplink limit: how long until the next piece may go
             while credit > 0 and queue and drain_until is None:
+                if self.uplink is not None:
+                    now = time.monotonic()
+                    self.uplink.start(now)
+                    if not self.uplink.ready(now):
+                        paced_s = self.uplink.wait_s(now)
+                        break
                 item, piece = queue.popleft()
                 payload = self._payload(item, piece)
                 sock.send_multipart(encode("CHUNK", {"item": item, "piece": piece}, payload), copy=False)
+                if self.uplink is not None:
+                    self.uplink.take(time.monotonic(), payload.nbytes)
                 credit -= 1
                 in_flight.append((item, piece))
                 self.sent_bytes += payload.nbytes
                 self.sent_pieces += 1
                 last_send = time.monotonic()
             wait = min(STOP_CHECK_S, max(0.0, self.heartbeat_s - (time.monotonic() - last_send)))
+            if paced_s:
+                wait = min(wait, paced_s)
             if sock.poll(int(wait * 1000) + 1, zmq.POLLIN):
                 while sock.poll(0, zmq.POLLIN):
                     try:
@@ -393,6 +413,16 @@ class Agent:
         return AgentExit.NO_WELCOME
 
 
+def run_uplink(root: Path, plan: Plan, fragment: int) -> float | None:
+    """This agent's uplink in bytes/s from the run's --bandwidth (run.json is the launcher's
+    record, so trusted; a run directory without one has no limits)."""
+    path = root / layout.RUN_SETTINGS
+    if not path.exists():
+        return None
+    options = RunSettings.from_json(json.loads(path.read_bytes())).options
+    return uplinks(options.bandwidth, len(plan.fragments)).get(fragment)
+
+
 def main_agent(run_dir: str, fragment: int, endpoint: str) -> int:
     root = Path(run_dir).resolve()
     box = Sandbox(root)
@@ -402,7 +432,8 @@ def main_agent(run_dir: str, fragment: int, endpoint: str) -> int:
     log = open_event_log(stream, run_id=plan.run_id, role="agent", fragment=fragment)
     log_start(log, pid=os.getpid(), endpoint=endpoint, plan_digest=plan.digest)
     try:
-        agent = Agent(root, plan, fragment, endpoint, log=log)
+        uplink = run_uplink(root, plan, fragment)
+        agent = Agent(root, plan, fragment, endpoint, log=log, uplink_bytes_s=uplink)
     except (ValueError, OSError) as exc:
         log.error(E.AGENT_SETUP_FAILED, error=str(exc))
         print(f"agent {fragment}: {exc}", flush=True)
@@ -423,6 +454,7 @@ def main_bundle_agent(
     environ: Mapping[str, str] | None = None,
     stop: threading.Event | None = None,
     ready_file: str | None = None,
+    uplink_bytes_s: float | None = None,
 ) -> int:
     """An agent on a host of its own: the bundle is its plan and keys, `source_dir` this host's
     copy of the model, verified piece by piece before anything is sent. Its log goes to
@@ -480,7 +512,8 @@ def main_bundle_agent(
 
     try:
         agent = Agent(root, plan, bundle.fragment, endpoint, log=log, keys=keys, source_dir=Path(source_dir),
-                      retry_for_s=retry_for_s, say=say, stop=stop, on_welcome=on_welcome)  # fmt: skip
+                      retry_for_s=retry_for_s, say=say, stop=stop, on_welcome=on_welcome,
+                      uplink_bytes_s=uplink_bytes_s)  # fmt: skip
         origin = "" if fragment_from == "bundle" else f" (fragment from {fragment_from})"
         say(
             f"run {plan.run_id}{origin}, layers {f.label}: verifying {f.nbytes / 1e6:.1f} MB of {source_dir} "

@@ -24,6 +24,7 @@ from coordinator.events import (
     Event,
     Finish,
     Forget,
+    Grants,
     Heartbeat,
     Hello,
     Malformed,
@@ -36,7 +37,9 @@ from coordinator.events import (
     Verify,
     Write,
 )
+from coordinator.schedule import ARRIVAL, Candidate, Scheduler
 from protocol.messages import want_ranges
+from protocol.pacing import TokenBucket
 from protocol.plan import Plan
 from protocol.run_settings import DEFAULT_DEAD_AFTER_S, DEFAULT_HEARTBEAT_MS
 from protocol.version import PROTOCOL_VERSION
@@ -50,6 +53,19 @@ class CoreSettings:
     heartbeat_ms: int = DEFAULT_HEARTBEAT_MS
     dead_after_s: float = DEFAULT_DEAD_AFTER_S  # several missed heartbeats (Paranoid Pirate)
     max_strikes: int = 16  # rejected messages before a peer is banned
+    # The coordinator's total ingress in bytes/s (None: unlimited, every agent clocked by its own
+    # returns). With a limit, credit comes out of a link budget, one piece at a time, to whom the
+    # schedule (coordinator.schedule) says.
+    link_bytes_s: float | None = None
+    schedule: str = ARRIVAL
+    # Pieces in flight per agent under a link: the coordinator's read of a piece takes a few ms,
+    # and the fragment a schedule favours must not look "window full" (passing the link to
+    # another) only for that. What is in flight stays bounded by the link budget as well.
+    link_window: int = 8
+
+    @property
+    def scheduled(self) -> bool:
+        return self.link_bytes_s is not None
 
 
 @dataclass
@@ -76,6 +92,7 @@ class PeerState:
     fragment: int | None = None
     pid: int | None = None
     credit: int = 0
+    reserved: list[int] = field(default_factory=list)  # scheduled: link bytes held for each credit, oldest first
     strikes: int = 0
     banned: bool = False
 
@@ -93,6 +110,8 @@ class Core:
         self.sent_before: list[list[bytearray]] = [
             [bytearray(len(it.pieces)) for it in f.items] for f in plan.fragments
         ]
+        self.scheduler = Scheduler(self.settings.schedule)
+        self.link = TokenBucket(self.settings.link_bytes_s) if self.settings.link_bytes_s is not None else None
 
     def _fresh(self, index: int) -> FragmentState:
         items = self.plan.fragments[index].items
@@ -188,7 +207,12 @@ class Core:
             peer.credit = 0
         else:
             state.status = LIVE
-            peer.credit = min(self.settings.credit, max(state.missing, 1))
+            window = min(self._window, max(state.missing, 1))
+            # Scheduled: the WELCOME grants nothing; the link budget does, below.
+            peer.credit = 0 if self.settings.scheduled else window
+            if self.link is not None:
+                self.link.start(ev.t)  # the link opens with the first agent (a logged event)
+                self.scheduler.owe(ev.peer, window)
         actions.append(
             Send(
                 ev.peer,
@@ -205,7 +229,7 @@ class Core:
         if state.status == LIVE and state.missing == 0:
             state.status = VERIFYING
             actions.append(Verify(index))
-        return actions
+        return actions + self._grant(ev.t)
 
     def _on_chunk(self, ev: Chunk) -> list[Action]:
         peer = self._peer(ev.peer, ev.t)
@@ -220,6 +244,8 @@ class Core:
         if peer.credit <= 0:
             return self._reject(ev.peer, "CHUNK", "over credit", "at most the granted credit in flight", fatal=False)
         peer.credit -= 1
+        if self.link is not None and peer.reserved:  # pay what the piece really was
+            self.link.give(ev.t, peer.reserved.pop(0) - ev.length)
         actions: list[Action] = []
         problem = self._check_chunk(index, ev)
         if problem is not None:
@@ -243,12 +269,15 @@ class Core:
         if state.status == LIVE and state.missing == 0:
             state.status = VERIFYING
             actions.append(Verify(index))
-        elif state.status == LIVE:
+        elif state.status == LIVE and not self.settings.scheduled:
             peer.credit += 1
             actions.append(Send(ev.peer, "CREDIT", {"n": 1}))
+        elif state.status == LIVE:
+            self.scheduler.owe(ev.peer)
         if peer.banned:
-            actions = [a for a in actions if not isinstance(a, Send)] + [Ban(ev.peer, "too many rejected messages")]
-        return actions
+            self._release(ev.peer, peer, ev.t)
+            return [a for a in actions if not isinstance(a, Send)] + [Ban(ev.peer, "too many rejected messages")]
+        return actions + self._grant(ev.t)
 
     def _check_chunk(self, index: int, ev: Chunk) -> tuple[str, Any, str] | None:
         items = self.plan.fragments[index].items
@@ -272,6 +301,7 @@ class Core:
         peer = self.peers.pop(ev.peer, None)
         if peer is None or peer.fragment is None:
             return []
+        self._release(ev.peer, peer, ev.t)
         state = self.fragments[peer.fragment]
         if state.peer == ev.peer:
             state.peer = None
@@ -304,7 +334,7 @@ class Core:
                     ev.t,
                     f"silent for {ev.t - peer.last_seen:.1f}s (> {self.settings.dead_after_s}s of missed heartbeats)",
                 )
-        return actions
+        return actions + self._grant(ev.t)
 
     def _on_agent_exited(self, ev: AgentExited) -> list[Action]:
         for name in sorted(self.peers):
@@ -314,6 +344,7 @@ class Core:
 
     def _bury(self, name: str, t: float, reason: str) -> list[Action]:
         peer = self.peers.pop(name)
+        self._release(name, peer, t)
         index = peer.fragment
         if index is not None:
             state = self.fragments[index]
@@ -337,12 +368,14 @@ class Core:
                 state.received_bytes -= lost
                 pieces[:] = bytearray(len(pieces))
             state.status = LIVE if state.peer else WAITING
-            if state.peer:
-                return [
-                    Send(state.peer, "WANT", {"want": self._want(ev.fragment)}),
-                    Send(state.peer, "CREDIT", {"n": self.settings.credit}),
-                ]
-            return []
+            if not state.peer:
+                return []
+            want = Send(state.peer, "WANT", {"want": self._want(ev.fragment)})
+            if self.settings.scheduled:
+                self.scheduler.owe(state.peer, self._window)
+                return [want, *self._grant(ev.t)]
+            self.peers[state.peer].credit += self.settings.credit
+            return [want, Send(state.peer, "CREDIT", {"n": self.settings.credit})]
         state.status = COMMITTED
         actions: list[Action] = [Promote(ev.fragment)]
         if state.peer:
@@ -404,6 +437,80 @@ class Core:
     def _on_end_of_agents(self, ev: EndOfAgents) -> list[Action]:
         self.finished = True
         return [Finish(not self.missing_fragments(), self.missing_fragments())]
+
+    # ---- the link schedule (only with settings.link_bytes_s) ---------------------------
+
+    @property
+    def _window(self) -> int:
+        return self.settings.link_window if self.settings.scheduled else self.settings.credit
+
+    def _grant(self, t: float) -> list[Action]:
+        """Spend the link budget that has accrued by `t`, one piece at a time, as the schedule
+        says; log who got it and why every other fragment that wants bytes got nothing."""
+        if self.link is None:
+            return []
+        granted: dict[int, int] = {}  # fragment -> pieces
+        candidates = {c.peer: c for c in self._candidates()}
+        while self.link.ready(t):
+            chosen = self.scheduler.pick(list(candidates.values()))
+            if chosen is None:
+                break
+            peer = self.peers[chosen.peer]
+            size = self._piece_bytes(chosen.fragment, peer.credit)
+            peer.credit += 1
+            peer.reserved.append(size)
+            self.link.take(t, size)
+            granted[chosen.fragment] = granted.get(chosen.fragment, 0) + 1
+            candidates[chosen.peer] = Candidate(chosen.fragment, chosen.peer, chosen.room - 1)
+        if not granted:
+            return []
+        sends: list[Action] = []
+        for index, n in sorted(granted.items()):
+            peer_name = self.fragments[index].peer
+            assert peer_name is not None  # a candidate is a live agent's fragment
+            sends.append(Send(peer_name, "CREDIT", {"n": n}))
+        waiting: list[list[Any]] = []
+        for index, state in enumerate(self.fragments):
+            if index in granted or state.status == COMMITTED or state.missing == 0:
+                continue
+            if state.peer is None or state.status != LIVE:
+                waiting.append([index, "no agent"])
+            elif state.peer not in candidates or candidates[state.peer].room <= 0:
+                waiting.append([index, "window full"])
+            else:
+                waiting.append([index, "link busy"])
+        return [Grants(self.settings.schedule, [[i, n] for i, n in sorted(granted.items())], waiting), *sends]
+
+    def _candidates(self) -> list[Candidate]:
+        out = []
+        for index, state in enumerate(self.fragments):
+            if state.status != LIVE or state.peer is None:
+                continue
+            peer = self.peers[state.peer]
+            if peer.banned:  # nothing it sends is read any more
+                continue
+            room = min(self._window, state.missing) - peer.credit
+            out.append(Candidate(index, state.peer, room))
+        return out
+
+    def _piece_bytes(self, index: int, skip: int) -> int:
+        """The size of the piece an agent sends next after `skip` granted ones: agents send the
+        pieces they were asked for in plan order."""
+        items = self.plan.fragments[index].items
+        for item, have in zip(items, self.fragments[index].have, strict=True):
+            for piece, got in enumerate(have):
+                if not got:
+                    if skip == 0:
+                        return item.piece_span(piece, self.plan.piece_size)[1]
+                    skip -= 1
+        return self.plan.piece_size
+
+    def _release(self, name: str, peer: PeerState, t: float) -> None:
+        """A peer that leaves gives back the link bytes its unused credit held."""
+        if self.link is not None:
+            self.link.give(t, sum(peer.reserved))
+        peer.reserved.clear()
+        self.scheduler.forget(name)
 
     # ---- helpers ------------------------------------------------------------------------
 

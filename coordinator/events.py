@@ -196,10 +196,21 @@ class Ban(_Record):
 
 
 @dataclass(frozen=True)
+class Grants(_Record):
+    """A scheduled coordinator spent link budget: pieces of credit per fragment, and why each
+    other fragment that still wants bytes got none ('no agent', 'window full', 'link busy')."""
+
+    type: ClassVar[str] = "grants"
+    schedule: str
+    granted: list[list[int]]  # [[fragment, pieces], ...]
+    waiting: list[list[Any]]  # [[fragment, reason], ...]
+
+
+@dataclass(frozen=True)
 class Finish(_Record):
     type: ClassVar[str] = "finish"
     complete: bool
     missing: list[int]
 
 
-Action = Send | Write | Verify | Promote | Arrival | Reassemble | AgentDead | Forget | Ban | Finish
+Action = Send | Write | Verify | Promote | Arrival | Reassemble | AgentDead | Forget | Ban | Grants | Finish

@@ -102,7 +102,8 @@ def text_quality(
     logits: torch.Tensor, ids: list[int], full: torch.Tensor | FullReference | None = None
 ) -> dict[str, Any]:
     """A model's quality on the eval text from its teacher-forced `logits` over `ids`:
-    {tokens, ce, ppl}, and with the full model's logits over the same ids (or their
+    {tokens, ce, ppl, entropy} (entropy: of its own next-token distribution, nats, mean over
+    positions), and with the full model's logits over the same ids (or their
     FullReference) also kl = mean KL(full || this) and top1 = share of positions whose argmax
     agrees, both over the same len(ids) - 1 scored positions. A value that is not finite is
     None (JSON has no inf)."""
@@ -114,23 +115,36 @@ def text_quality(
         raise ValueError(f"full model's eval logits of shape {tuple(ref.logits.shape)}, expected {tuple(logits.shape)}")
     targets = torch.tensor(ids[1:]).unsqueeze(-1)
     scored = len(ids) - 1
-    nll = kl = 0.0
+    nll = kl = entropy = 0.0
     agree = 0
     for s in range(0, scored, CHUNK_POSITIONS):
         e = min(scored, s + CHUNK_POSITIONS)
         # float64: a KL of nearly equal distributions is a small difference of large sums
         logp = torch.log_softmax(logits[s:e].double(), dim=-1)
         nll -= float(logp.gather(-1, targets[s:e]).sum().item())
+        probs = logp.exp()
+        entropy -= float(torch.special.xlogy(probs, probs).sum().item())  # 0 log 0 = 0
         if ref is not None:
             full_logp = torch.log_softmax(ref.logits[s:e].double(), dim=-1)
             # The full model against itself: the same bits on both sides, so exactly 0.0.
             kl += float((full_logp.exp() * (full_logp - logp)).sum().item())
             agree += int((logp.argmax(-1) == ref.top1[s:e]).sum().item())
     ce = nll / scored
-    out: dict[str, Any] = {"tokens": scored, "ce": _finite(ce), "ppl": _finite(perplexity(ce))}
+    out: dict[str, Any] = {
+        "tokens": scored,
+        "ce": _finite(ce),
+        "ppl": _finite(perplexity(ce)),
+        "entropy": _finite(entropy / scored),
+    }
     if ref is not None:
         out.update(kl=_finite(kl / scored), top1=agree / scored)
     return out
+
+
+def uniform_kl(entropy: float, vocab_size: int) -> float:
+    """KL(full || uniform) = ln V - H(full): what a model that knows nothing (a uniform guess)
+    costs against the full model, whose mean next-token entropy is `entropy`."""
+    return math.log(vocab_size) - entropy
 
 
 def _finite(value: float) -> float | None:

@@ -236,15 +236,35 @@ def compare(rebuilt: dict[str, Any], results: dict[str, Any], replay: Replay) ->
                 break
 
 
+def _link_story(grants: dict[str, Any], before: tuple[Any, ...] | None) -> tuple[str, tuple[Any, ...]] | None:
+    """A line when the link changes hands: under prefix, the fragment at its head; under any
+    schedule, the fragments it passes over for want of an agent (one line per change, not per grant)."""
+    schedule = grants.get("schedule")
+    absent = sorted(f for f, reason in grants.get("waiting", []) if reason == "no agent")
+    streaming = [f for f, _ in grants.get("granted", [])] + [f for f, r in grants.get("waiting", []) if r != "no agent"]
+    head = min(streaming) if schedule == "prefix" and streaming else None
+    state = (schedule, head, tuple(absent))
+    if state == before:
+        return None
+    serves = f"fragment {head} first" if head is not None else "the agents in turn"
+    passed = f"; no agent for {', '.join(map(str, absent))}, passed over" if absent else ""
+    return f"link ({schedule}) serves {serves}{passed}", state
+
+
 def tell(files: dict[str, list[Line]], plan: Plan, replay: Replay) -> None:
     """The run's story, from every process's log merged by monotonic time."""
     merged = sorted((ln for lines in files.values() for ln in lines), key=lambda ln: ln.data.get("mono", 0.0))
+    link_state: tuple[Any, ...] | None = None
     for ln in merged:
         d = ln.data
         ev, role, frag = d.get("event"), d.get("role"), d.get("fragment")
         who = f"agent {frag}" if role == "agent" else "coordinator"
         text = None
-        if ev == E.PROCESS_START:
+        if ev == E.CORE_STEP:
+            for action in d.get("out", []):
+                if action.get("type") == "grants":
+                    text, link_state = _link_story(action, link_state) or (text, link_state)
+        elif ev == E.PROCESS_START:
             text = f"{who} started (pid {d.get('pid')})"
         elif ev == E.AGENT_WELCOME:
             resumed = d["pieces_wanted"] < d["pieces_total"]

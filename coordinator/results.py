@@ -11,6 +11,7 @@ from typing import Any
 
 import psutil
 
+from coordinator.quality import uniform_kl
 from protocol.census import census
 from protocol.plan import Plan
 from protocol.run_settings import RunSettings
@@ -62,7 +63,14 @@ def build_results(
     checkpoints: list[dict[str, Any]],
     final: dict[str, Any],
     gap_checkpoints: list[dict[str, Any]] | None = None,
+    timing: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
+    timing = timing or {}
+    since = timing.get("since_start_s", {})
+    checkpoints = [{**c, "since_start_s": since.get(c["checkpoint"])} for c in checkpoints]
+    kl_before = _kl_no_model(plan, baseline)
+    area = kl_area([(c["since_start_s"], c.get("quality", {}).get("kl")) for c in checkpoints], kl_before)
+    misses = [(c["since_start_s"], _miss(c.get("quality", {}).get("top1"))) for c in checkpoints]
     return {
         "schema_version": RESULTS_SCHEMA_VERSION,
         "run": {
@@ -86,7 +94,46 @@ def build_results(
         "gap_checkpoints": list(gap_checkpoints or []),
         "final": final,
         "final_matches_baseline": bool(final.get("final_matches_baseline", False)),
+        "kl_area": area,
+        "top1_miss_area": kl_area(misses, 1.0),
+        "progressive": {
+            "schedule": timing.get("schedule"),
+            "link_mb_s": timing["link_bytes_s"] / 1e6 if timing.get("link_bytes_s") else None,
+            "bandwidth": timing.get("bandwidth"),
+            "first_checkpoint_s": checkpoints[0]["since_start_s"] if checkpoints else None,
+            "final_checkpoint_s": checkpoints[-1]["since_start_s"] if checkpoints else None,
+            "kl_no_model": kl_before,
+        },
     }
+
+
+def _kl_no_model(plan: Plan, baseline: dict[str, Any]) -> float | None:
+    """KL(full || uniform): the curve's value before the first checkpoint exists."""
+    entropy = baseline.get("quality", {}).get("entropy")
+    vocab = plan.model.get("config", {}).get("vocab_size")
+    return uniform_kl(entropy, vocab) if entropy is not None and isinstance(vocab, int) else None
+
+
+def _miss(top1: float | None) -> float | None:
+    return None if top1 is None else 1.0 - top1
+
+
+def kl_area(points: list[tuple[float | None, float | None]], kl_before: float | None) -> float | None:
+    """The area under KL-to-the-full-model over time (nats x seconds), from the first byte
+    streamed to the last checkpoint: `points` are (seconds since the first byte, KL) of each
+    checkpoint in order; until the first one the model is nothing, a uniform guess (`kl_before`);
+    each checkpoint's KL holds until the next. None when a time or KL is unknown. The same step
+    area of 1 - top-1 agreement (1 before the first checkpoint: a uniform guess's argmax is
+    arbitrary) is `top1_miss_area`: the seconds of disagreement with the full model."""
+    if not points or kl_before is None:
+        return None
+    area, t_prev, kl_prev = 0.0, 0.0, kl_before
+    for t, kl in points:
+        if t is None or kl is None:
+            return None
+        area += kl_prev * max(0.0, t - t_prev)
+        t_prev, kl_prev = max(t_prev, t), kl
+    return round(area, 6)
 
 
 def write_results(box: Sandbox, results: dict[str, Any]) -> None:
@@ -113,6 +160,7 @@ def checkpoint_rows(results: dict[str, Any]) -> list[list[Any]]:
                 c["checkpoint"],
                 c["layers"],
                 ",".join(c["ranges"]),
+                _num(c.get("since_start_s"), ".3f"),
                 c["label"],
                 f"{c['agree_tokens']}/{n}",
                 c["kl_to_baseline"],
@@ -128,6 +176,7 @@ CHECKPOINT_HEADERS = [
     "ckpt",
     "layers",
     "ranges",
+    "ready at s",  # from the first byte streamed to the commit that made the checkpoint
     "label",
     "tokens = baseline",
     "KL to baseline",
@@ -200,6 +249,9 @@ def render_markdown(r: dict[str, Any]) -> str:
         "",
     ]
     out += ["## Checkpoints", "", table(CHECKPOINT_HEADERS, checkpoint_rows(r)), ""]
+    progressive = progressive_line(r)
+    if progressive:
+        out += [progressive, ""]
     out += gap_section(r)
     out += quality_section(r)
     out += [
@@ -271,6 +323,23 @@ def render_markdown(r: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
+def progressive_line(r: dict[str, Any]) -> str | None:
+    """How early the checkpoints came: the link, its schedule, first and final checkpoint and
+    the area under KL over time (smaller: a usable model sooner)."""
+    p = r.get("progressive")
+    if not p or p.get("first_checkpoint_s") is None:
+        return None
+    link = f"{p['link_mb_s']:g} MB/s link, schedule {p['schedule']}" if p.get("link_mb_s") else "no link limit"
+    uplinks = f", agent uplinks {p['bandwidth']} MB/s" if p.get("bandwidth") else ""
+    area = f"; KL area {r['kl_area']:.4g} nats·s" if r.get("kl_area") is not None else ""
+    if r.get("top1_miss_area") is not None:
+        area += f", top-1 miss area {r['top1_miss_area']:.4g} s"
+    return (
+        f"Over time ({link}{uplinks}): first checkpoint {p['first_checkpoint_s']:.3f} s and final "
+        f"{p['final_checkpoint_s']:.3f} s after the first byte{area}."
+    )
+
+
 def gap_section(r: dict[str, Any]) -> list[str]:
     """--reassembly gaps: after an arrival that left holes, every arrived layer, holes skipped."""
     gaps = r.get("gap_checkpoints") or []
@@ -291,7 +360,7 @@ def gap_section(r: dict[str, Any]) -> list[str]:
         ]
         for g in gaps
     ]
-    headers = ["arrival", "layers present", "missing", *CHECKPOINT_HEADERS[3:]]
+    headers = ["arrival", "layers present", "missing", *CHECKPOINT_HEADERS[4:]]
     return [
         "## Gap checkpoints (every arrived layer, missing ones skipped)",
         "",

@@ -35,6 +35,7 @@ from coordinator.events import (
     Event,
     Finish,
     Forget,
+    Grants,
     Heartbeat,
     Hello,
     Malformed,
@@ -64,6 +65,14 @@ if TYPE_CHECKING:
     from coordinator.reassembly import Reassembler
 
 TICK_S = 0.25  # liveness checks: heartbeat deadlines and the pids of local agents
+# With a link limit, the core spends link budget on every tick too: a tick well inside the
+# bucket's burst (protocol.pacing.BURST_S) keeps the link busy while no chunk comes in.
+LINK_TICK_S = 0.01
+# The receive loop takes the GIL back after every recv, hash and write (each releases it); a
+# model thread evaluating a checkpoint meanwhile holds it for up to the switch interval each
+# time, which at Python's 5 ms capped the loop near 140 MB/s. At 0.5 ms the loop keeps its
+# rate while checkpoints are evaluated (measured: README, "Progressive arrival").
+GIL_SWITCH_S = 0.0005
 
 
 class CoordinatorServer:
@@ -88,8 +97,12 @@ class CoordinatorServer:
         self.log = open_event_log(
             self.box.open_log(layout.COORDINATOR_LOG), run_id=self.plan.run_id, role="coordinator"
         )
+        options = self.run_settings.options
         self.settings = settings or CoreSettings(
-            heartbeat_ms=self.run_settings.options.heartbeat_ms, dead_after_s=self.run_settings.options.dead_after
+            heartbeat_ms=options.heartbeat_ms,
+            dead_after_s=options.dead_after,
+            link_bytes_s=options.link * 1e6 if options.link is not None else None,
+            schedule=options.schedule,
         )
         self.core = Core(self.plan, self.settings)
         self.store = FragmentStore(self.box, self.plan)
@@ -110,6 +123,7 @@ class CoordinatorServer:
         self.arrived: set[int] = set()  # every fragment an Arrival reported (deterministic from the log)
         self._gaps_due: list[tuple[Arrival, list[int]]] = []  # --reassembly gaps jobs of the current step
         self._reported: dict[int, int] = {}
+        self._checkpoint_t: dict[int, float] = {}  # checkpoint -> loop time of the commit that made it
         self._reassembler = Background(self._build_reassembler, "import-torch")
         # Off the receive loop: read-back verification, and the model (reassembly, evaluation, verdict).
         self.completions = Completions()
@@ -191,7 +205,8 @@ class CoordinatorServer:
         poller.register(self.completions.fileno(), zmq.POLLIN)
         if self.control is not None:
             poller.register(self.control.fd, zmq.POLLIN)
-        next_tick = next_beat = time.monotonic()
+        next_tick = next_beat = next_pids = time.monotonic()
+        tick_s = LINK_TICK_S if self.settings.scheduled else TICK_S
         while self.outcome is None:
             timeout = max(0.0, min(next_tick, next_beat) - time.monotonic())
             ready = dict(poller.poll(int(timeout * 1000) + 1))
@@ -206,9 +221,11 @@ class CoordinatorServer:
                 self._obey_control(poller)
             now = time.monotonic()
             if now >= next_tick and self.outcome is None:
-                self._report_auth()
-                self._tick(now)
-                next_tick = now + TICK_S
+                self._tick(now, pids=now >= next_pids)
+                if now >= next_pids:
+                    self._report_auth()
+                    next_pids = now + TICK_S
+                next_tick = now + tick_s
             if now >= next_beat and self.outcome is None:
                 for peer in self._bound_peers():
                     self._send(peer, "HEARTBEAT", {})
@@ -273,8 +290,10 @@ class CoordinatorServer:
             self.control = None
             self.step(EndOfAgents(time.monotonic(), "launcher closed control"))
 
-    def _tick(self, now: float) -> None:
+    def _tick(self, now: float, *, pids: bool = True) -> None:
         self.step(Tick(now))
+        if not pids:
+            return
         for peer, pid in list(self.pids.items()):
             # A pid only means something for a process this launcher started on this host; any
             # other agent (another host, another launcher) lives by its heartbeats alone.
@@ -329,6 +348,11 @@ class CoordinatorServer:
         elif isinstance(action, Write):
             self.store.write(action.fragment, action.item, action.piece, self.payloads[(action.item, action.piece)])
             state = self.core.fragments[action.fragment]
+            if state.missing and all(state.have[action.item]):
+                # A whole item while its fragment still streams: read it back now, so the
+                # fragment's own verification (and its commit) waits only for its last items.
+                job = functools.partial(self.store.verify_item, action.fragment, action.item)
+                self.verifier.submit("verify_item", action, job)
             self._report_bytes(action.fragment)
             self.faults.agent_progress(
                 action.fragment,
@@ -347,7 +371,8 @@ class CoordinatorServer:
             self.log.info(E.PREFIX_ARRIVAL, **action.to_dict())
             row = {k: v for k, v in action.to_dict().items() if k != "type"}
             row.update(fragment_layers=self.plan.fragments[action.fragment].label,
-                       ranges=[self.plan.fragments[i].label for i in action.prefix])  # fmt: skip
+                       ranges=[self.plan.fragments[i].label for i in action.prefix],
+                       since_start_s=self._since_start(event.t))  # fmt: skip
             self.arrivals.append(row)
             self.progress(link.ARRIVAL, **row)
             self.arrived.add(action.fragment)
@@ -355,6 +380,7 @@ class CoordinatorServer:
             if holes and self.run_settings.options.reassembly == "gaps":
                 self._gaps_due.append((action, sorted(self.arrived)))
         elif isinstance(action, Reassemble):
+            self._checkpoint_t[action.checkpoint] = event.t
             self.faults.before_evaluation(self._received())
             self.modeller.submit("evaluate", action, functools.partial(self._evaluate, action))
         elif isinstance(action, AgentDead):
@@ -367,6 +393,8 @@ class CoordinatorServer:
         elif isinstance(action, Ban):
             self.pids.pop(action.peer, None)
             self.log.info(E.PEER_BAN, **action.to_dict())
+        elif isinstance(action, Grants):
+            pass  # the decision is in the step's log line; its CREDIT sends follow it
         elif isinstance(action, Finish):
             self._submit_gaps()
             self._finish(action)
@@ -421,7 +449,10 @@ class CoordinatorServer:
             return
         if done.error is not None:
             raise RuntimeError(f"the {done.tag} job for {done.key} failed") from done.error
-        if done.tag == "verify":
+        if done.tag == "verify_item":
+            self.log.info(E.ITEM_VERIFIED, fragment=done.key.fragment, item=done.key.item, ok=done.value,
+                          seconds=round(done.seconds, 6))  # fmt: skip
+        elif done.tag == "verify":
             fragment, bad = done.key.fragment, done.value
             self.log.info(E.FRAGMENT_VERIFIED, fragment=fragment, ok=not bad, bad_items=bad,
                           seconds=round(done.seconds, 6))  # fmt: skip
@@ -448,6 +479,7 @@ class CoordinatorServer:
             checkpoints=reassembler.checkpoints,
             gap_checkpoints=reassembler.gap_checkpoints,
             final=final,
+            timing=self._timing(),
         )
         write_results(self.box, results)
         matches = results["final_matches_baseline"]
@@ -457,6 +489,21 @@ class CoordinatorServer:
             self.exit_code = RunExit.INCOMPLETE
         else:
             self.exit_code = RunExit.OK if matches else RunExit.MISMATCH
+
+    def _since_start(self, t: float) -> float | None:
+        """Seconds from the first byte streamed to `t` (this coordinator's first byte: a resumed
+        run counts from its own; what was restored is there from 0)."""
+        firsts = [f.first_chunk_t for f in self.core.fragments if f.first_chunk_t is not None]
+        return round(max(0.0, t - min(firsts)), 6) if firsts else None
+
+    def _timing(self) -> dict[str, Any]:
+        """When each checkpoint became available, and the link it came over."""
+        return {
+            "schedule": self.settings.schedule if self.settings.scheduled else None,
+            "link_bytes_s": self.settings.link_bytes_s,
+            "bandwidth": self.run_settings.options.bandwidth,
+            "since_start_s": {k: self._since_start(t) for k, t in self._checkpoint_t.items()},
+        }
 
     def _send(self, peer: str, kind: str, header: dict[str, Any]) -> None:
         try:
@@ -497,6 +544,7 @@ def _alive(pid: int) -> bool:
 def serve(
     run_dir: str, bind: str, control_stdin: bool, faults: str | None = None, quota_bytes: int | None = None
 ) -> int:
+    sys.setswitchinterval(GIL_SWITCH_S)
     server = CoordinatorServer(
         Path(run_dir),
         bind=bind,

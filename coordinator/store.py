@@ -23,6 +23,10 @@ class FragmentStore:
         self.box = box
         self.plan = plan
         self._open: dict[int, dict[str, PartialFile]] = {}
+        # Items read back and matched while the rest of their fragment streamed (verify_item):
+        # the fragment's verification then reads only what is left. Regions of items are
+        # disjoint and a piece is written once, so a matched item stays matched.
+        self._matched: dict[int, set[int]] = {}
         box.mkdir(QUORUM)
 
     def _files(self, index: int) -> dict[str, PartialFile]:
@@ -51,8 +55,19 @@ class FragmentStore:
         start, _ = fragment.items[item].piece_span(piece, self.plan.piece_size)
         self._files(index)[name].write_at(base + start, payload)
 
+    def verify_item(self, index: int, item_index: int) -> bool:
+        """Read one item whose pieces are all written back from the file and hash it."""
+        fragment = self.plan.fragments[index]
+        name, base = fragment.destination(item_index)
+        item = fragment.items[item_index]
+        ok = _hash_region(self._files(index)[name], base, item.nbytes) == item.digest
+        if ok:
+            self._matched.setdefault(index, set()).add(item_index)
+        return ok
+
     def verify(self, index: int) -> list[int]:
-        """fsync, read every item back from disk and hash it; returns the items that do not match."""
+        """fsync, read every item not yet matched back from disk and hash it; returns the items
+        that do not match."""
         fragment = self.plan.fragments[index]
         files = self._files(index)
         for handle in files.values():
@@ -62,13 +77,17 @@ class FragmentStore:
         if WEIGHTS_FILE in files and files[WEIGHTS_FILE].read_at(0, len(header)) != header:
             files[WEIGHTS_FILE].write_at(0, header)  # the header is ours, not an agent's: just restore it
             files[WEIGHTS_FILE].fsync()
+        matched = self._matched.get(index, set())
         for item_index, item in enumerate(fragment.items):
+            if item_index in matched:
+                continue
             name, base = fragment.destination(item_index)
             if _hash_region(files[name], base, item.nbytes) != item.digest:
                 bad.append(item_index)
         return bad
 
     def promote(self, index: int) -> str:
+        self._matched.pop(index, None)
         for handle in self._open.pop(index, {}).values():
             handle.close()
         self.box.promote(staging_dir(index), committed_dir(index))

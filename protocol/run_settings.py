@@ -56,6 +56,9 @@ class RunOptions:
     curve: bool = True
     insecure: bool = False  # allow --no-curve on a non-loopback address
     reassembly: str = "prefix"  # "gaps": also evaluate every arrived layer, holes skipped
+    link: float | None = None  # the coordinator's total ingress, MB/s (None: unlimited)
+    schedule: str = "arrival"  # who the limited link serves first: arrival, fair or prefix
+    bandwidth: str | None = None  # each agent's own uplink, MB/s: "50" or "0:50,1:200"
 
 
 _OPTION_NAMES = frozenset(f.name for f in fields(RunOptions))

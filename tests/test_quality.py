@@ -18,7 +18,7 @@ from coordinator.evaluate import prompt_ids, residual_stream_stats
 from coordinator.launch.cli import main as fragsim
 from coordinator.launch.options import SimulateOptions
 from coordinator.launch.simulate import plan_run
-from coordinator.quality import DEFAULT_EVAL_TEXT, MIN_EVAL_TOKENS, text_quality, token_cross_entropy
+from coordinator.quality import DEFAULT_EVAL_TEXT, MIN_EVAL_TOKENS, text_quality, token_cross_entropy, uniform_kl
 from protocol.census import census
 from protocol.exit_codes import RunExit
 from protocol.plan import Plan
@@ -43,7 +43,7 @@ def test_every_checkpoint_records_finite_quality_on_the_eval_text(run: dict[str,
     assert [c["layers"] for c in r["checkpoints"]] == [2, 4, 6]
     for c in r["checkpoints"]:
         q = c["quality"]
-        assert set(q) == {"tokens", "ce", "ppl", "kl", "top1"}
+        assert set(q) == {"tokens", "ce", "ppl", "entropy", "kl", "top1"}
         assert q["tokens"] == scored
         assert math.isfinite(q["ce"]) and q["ce"] > 0 and q["ppl"] == pytest.approx(math.exp(q["ce"]))
         assert math.isfinite(q["kl"]) and q["kl"] >= 0.0 and 0.0 <= q["top1"] <= 1.0
@@ -60,12 +60,12 @@ def test_the_final_checkpoint_has_zero_kl_and_the_baselines_cross_entropy(run: d
     final, base = r["checkpoints"][-1]["quality"], r["baseline"]["quality"]
     assert r["checkpoints"][-1]["layers"] == r["baseline"]["num_layers"]
     assert final["kl"] == 0.0 and final["top1"] == 1.0
-    assert final["ce"] == base["ce"] and final["ppl"] == base["ppl"]
+    assert final["ce"] == base["ce"] and final["ppl"] == base["ppl"] and final["entropy"] == base["entropy"]
 
 
 def test_the_baseline_records_its_own_quality_without_a_comparison(run: dict[str, Any]) -> None:
     base = run["results"]["baseline"]
-    assert set(base["quality"]) == {"tokens", "ce", "ppl"} and base["quality_s"] > 0
+    assert set(base["quality"]) == {"tokens", "ce", "ppl", "entropy"} and base["quality_s"] > 0
 
 
 def test_the_baseline_logits_hold_the_full_models_eval_logits_in_float32(run: dict[str, Any]) -> None:
@@ -152,6 +152,14 @@ def test_identical_logits_have_zero_kl_and_the_defined_cross_entropy() -> None:
     q = text_quality(logits, ids, logits.clone())
     assert q["kl"] == 0.0 and q["top1"] == 1.0 and q["tokens"] == 19
     assert q["ce"] == token_cross_entropy(logits, ids)
+
+
+def test_uniform_logits_have_the_entropy_ln_v_and_their_kl_is_ln_v_minus_the_full_entropy() -> None:
+    torch.manual_seed(2)
+    full, ids = torch.randn(20, 50), torch.randint(0, 50, (20,)).tolist()
+    uniform = text_quality(torch.zeros(20, 50), ids, full)
+    assert uniform["entropy"] == pytest.approx(math.log(50))
+    assert uniform["kl"] == pytest.approx(uniform_kl(text_quality(full, ids)["entropy"], 50))
 
 
 def test_kl_is_positive_for_other_logits_and_shapes_must_agree() -> None:

@@ -17,8 +17,8 @@ from coordinator.report import timeline as T
 from coordinator.report.build import write_report
 from coordinator.report.timeline import build_timeline
 
-RUN_FIGURES = {"run-quality", "run-latency", "run-timeline", "run-residual", "run-census"}
-SWEEP_FIGURES = {"sweep-quality", "sweep-latency"}
+RUN_FIGURES = {"run-quality", "run-quality-time", "run-latency", "run-timeline", "run-residual", "run-census"}
+SWEEP_FIGURES = {"sweep-quality", "sweep-latency", "sweep-quality-time"}
 ABLATION_FIGURES = {"ablation-layers"}
 VOID = {"meta", "br", "hr", "img", "input", "link", "col", "area", "base", "wbr", "source", "path", "rect", "use"}
 NETWORK = re.compile(

@@ -187,3 +187,149 @@ def test_bootstrap_ci_is_reproducible_with_its_seed() -> None:
 def test_bootstrap_ci_of_one_value_is_that_value_and_of_none_is_none() -> None:
     assert bootstrap_ci([0.25]) == (0.25, 0.25)
     assert bootstrap_ci([]) is None
+
+
+# ---- a schedule axis on a shared link --------------------------------------------------------
+
+SCHEDULE_LINK_MB_S = 1.0  # the tiny model's ~1 MB takes about a second
+
+
+@pytest.fixture(scope="module")
+def schedule_sweep(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[int, dict[str, Any], Path]:
+    """`--schedules prefix,fair --link 1`: 3 fragments, one trial of each schedule."""
+    out = tmp_path_factory.mktemp("sweep-schedules") / "out"
+    argv = ["sweep", "--model", str(tiny_model), "--fragments", "3", "--trials", "1", "--schedules", "prefix,fair"]
+    argv += ["--link", str(SCHEDULE_LINK_MB_S), "--max-new-tokens", "4", "--threads", "1", "--out", str(out)]
+    code = main(argv)
+    return code, json.loads((out / "sweep.json").read_text()), out
+
+
+def test_schedule_sweep_makes_each_schedule_a_configuration(
+    schedule_sweep: tuple[int, dict[str, Any], Path],
+) -> None:
+    code, summary, _ = schedule_sweep
+    assert code == 0 and summary["ok"] is True
+    assert summary["schedules"] == ["prefix", "fair"]
+    assert [(c["fragments"], c["order"], c["schedule"]) for c in summary["configs"]] == [
+        (3, "forward", "prefix"),
+        (3, "forward", "fair"),
+    ]
+    assert {g["schedule"] for g in summary["groups"]} == {"prefix", "fair"}
+    # prefix serves fragment 0 first: a checkpoint per fragment; the full model ends both
+    prefix_layers = [g["layers"] for g in summary["groups"] if g["schedule"] == "prefix"]
+    assert prefix_layers == [2, 4, 6]
+    assert 6 in [g["layers"] for g in summary["groups"] if g["schedule"] == "fair"]
+
+
+def test_schedule_sweep_runs_every_trial_on_the_link_with_its_schedule_and_agents_at_once(
+    schedule_sweep: tuple[int, dict[str, Any], Path],
+) -> None:
+    _, summary, _ = schedule_sweep
+    assert summary["link_mb_s"] == SCHEDULE_LINK_MB_S and summary["parallel"] is True
+    assert [t["schedule"] for t in summary["per_trial"]] == ["prefix", "fair"]
+    for t in summary["per_trial"]:
+        assert t["progressive"]["schedule"] == t["schedule"]
+        assert t["progressive"]["link_mb_s"] == SCHEDULE_LINK_MB_S
+        assert Path(t["run_dir"]).name == f"f3-forward-{t['schedule']}-t0"
+        run = json.loads((Path(t["run_dir"]) / "results.json").read_text())["run"]
+        assert run["parallel"] is True and run["schedule"] == t["schedule"]
+
+
+def test_schedule_sweep_has_first_final_and_kl_area_statistics_per_configuration(
+    schedule_sweep: tuple[int, dict[str, Any], Path],
+) -> None:
+    _, summary, _ = schedule_sweep
+    for config in summary["configs"]:
+        p = config["progressive"]
+        [trial] = [t for t in summary["per_trial"] if t["schedule"] == config["schedule"]]
+        for key, value in (
+            ("first_checkpoint_s", trial["progressive"]["first_checkpoint_s"]),
+            ("final_checkpoint_s", trial["progressive"]["final_checkpoint_s"]),
+            ("kl_area", trial["kl_area"]),
+        ):
+            stats = p[key]
+            assert stats["n"] == 1 and stats["samples"] == [pytest.approx(value)], (key, stats)
+            assert stats["median"] == stats["p95"] == stats["min"] == stats["max"] == pytest.approx(value)
+            assert stats["ci95_of_median"] == [pytest.approx(value)] * 2
+        assert 0 < p["first_checkpoint_s"]["median"] <= p["final_checkpoint_s"]["median"]
+        assert p["kl_area"]["median"] > 0 and p["median_trial"] == 0 and p["link_mb_s"] == SCHEDULE_LINK_MB_S
+    # the link's ~1 s: the final checkpoint cannot be there before the bytes are
+    assert all(c["progressive"]["final_checkpoint_s"]["median"] > 0.5 for c in summary["configs"])
+
+
+def test_schedule_sweep_markdown_has_the_progressive_table_with_a_schedule_column(
+    schedule_sweep: tuple[int, dict[str, Any], Path],
+) -> None:
+    _, summary, out = schedule_sweep
+    text = (out / "sweep.md").read_text()
+    assert "## Progressive arrival" in text
+    assert "| fragments | order | schedule | link MB/s | trials | first checkpoint s median [95% CI] |" in text
+    for config in summary["configs"]:
+        area = config["progressive"]["kl_area"]["median"]
+        assert f"| 3 | forward | {config['schedule']} | 1.0 | 1 |" in text and f"{area:.3f}" in text
+
+
+def test_schedule_sweep_report_draws_quality_over_time_per_schedule(
+    schedule_sweep: tuple[int, dict[str, Any], Path],
+) -> None:
+    _, summary, out = schedule_sweep
+    text = (out / "report.html").read_text()
+    assert 'data-figure="sweep-quality-time"' in text and "Quality over time, per schedule" in text
+    assert "seconds since the first byte streamed" in text and "KL to the full model (nats/token)" in text
+    for config in summary["configs"]:
+        assert f"{config['schedule']}: median KL area {config['progressive']['kl_area']['median']:.3f}" in text
+
+
+def test_sweep_report_without_progressive_figures_leaves_the_figure_out(
+    schedule_sweep: tuple[int, dict[str, Any], Path], tmp_path: Path
+) -> None:
+    """A sweep.json written before since_start_s and kl_area existed still renders."""
+    from coordinator.report.build import write_report
+
+    _, summary, _ = schedule_sweep
+    old = json.loads(json.dumps(summary))
+    for config in old["configs"]:
+        del config["progressive"]
+    for trial in old["per_trial"]:
+        del trial["progressive"], trial["kl_area"]
+    (tmp_path / "sweep.json").write_text(json.dumps(old))
+    written = write_report([tmp_path])
+    text = written.path.read_text()
+    assert "sweep-quality-time" not in text and 'data-figure="sweep-latency"' in text
+
+
+def test_sweep_without_schedules_keeps_its_configuration_keys(small_sweep: tuple[int, dict[str, Any], Path]) -> None:
+    _, summary, out = small_sweep
+    assert summary["schedules"] is None and summary["link_mb_s"] is None and summary["parallel"] is False
+    assert all("schedule" not in c for c in summary["configs"]) and all("schedule" not in g for g in summary["groups"])
+    assert all(Path(t["run_dir"]).name == f"f{t['fragments']}-{t['order']}-t{t['trial']}" for t in summary["per_trial"])
+    assert "| fragments | order | layers |" in (out / "sweep.md").read_text()
+
+
+@pytest.mark.parametrize(
+    ("argv", "words"),
+    [
+        (["--schedules", "prefix,fastest", "--link", "1"], "--schedules"),
+        (["--schedules", "prefix,prefix", "--link", "1"], "distinct schedules among arrival, fair, prefix"),
+        (["--schedules", "prefix,fair"], "--link MB/s too"),
+        (["--schedules", "fair", "--link", "0"], "--link"),
+        (["--bandwidth", "0:5,9:5"], "--bandwidth"),
+    ],
+)
+def test_sweep_refuses_bad_schedules_and_links_before_any_run(
+    tiny_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], argv: list[str], words: str
+) -> None:
+    out = tmp_path / "out"
+    assert main(["sweep", "--model", str(tiny_model), "--fragments", "2", "--out", str(out), *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fragsim sweep: ") and words in err, err
+    assert not out.exists()
+
+
+def test_parse_schedules_names_the_choices() -> None:
+    from coordinator.lab.sweep import parse_schedules
+    from protocol.errors import PlanError
+
+    assert parse_schedules("prefix, fair") == ["prefix", "fair"]
+    with pytest.raises(PlanError, match="arrival, fair, prefix"):
+        parse_schedules("lowest")

@@ -189,6 +189,13 @@ def _simulate_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
         help=f"a peer silent this long is declared dead (default {d.dead_after:g}; 1.0 with "
         "--heartbeat-ms 250 detects a hung agent within 1.5 s on an idle machine)",
     )
+    _link_arguments(p)
+    p.add_argument(
+        "--bandwidth",
+        metavar="MB/S|FRAG:MB/S,...",
+        help="each agent's own uplink: one rate for all or per fragment (others unlimited), e.g. 0:50,1:200; "
+        "the agent paces its sends (default unlimited)",
+    )
     faults = p.add_argument_group("fault injection")
     faults.add_argument(
         "--kill",
@@ -225,6 +232,29 @@ def _simulate_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
         action="store_true",
         help="print the results (results.json plus the launcher record; null without results) as JSON on "
         "stdout; the live view and tables go to stderr (default off)",
+    )
+
+
+def _link_arguments(p: argparse.ArgumentParser) -> None:
+    from coordinator.schedule import SCHEDULES
+
+    d = RunOptions()
+    link = p.add_argument_group("a shared link (progressive arrival)")
+    link.add_argument(
+        "--link",
+        type=float,
+        default=d.link,
+        metavar="MB/S",
+        help="limit the coordinator's total ingress: it grants credit out of this budget, piece by piece "
+        "(default unlimited)",
+    )
+    link.add_argument(
+        "--schedule",
+        default=d.schedule,
+        metavar="|".join(SCHEDULES),
+        help="who the limited link serves first: prefix = the lowest fragment not yet committed (checkpoints "
+        "appear one after another), fair = round-robin, arrival = credit in the order it fell due (needs "
+        f"--link unless arrival; default {d.schedule})",
     )
 
 
@@ -495,7 +525,8 @@ def build_parser() -> argparse.ArgumentParser:
         "Fresh real runs, repeated, for each fragment count and launch order: latency statistics with "
         "bootstrap confidence intervals, and a check that every run's outputs are identical; writes sweep.json, "
         "sweep.md and report.html.",
-        ["fragsim sweep (or: make sweep)", "fragsim sweep --fragments 2,4 --orders forward,random --trials 3"],
+        ["fragsim sweep (or: make sweep)", "fragsim sweep --fragments 2,4 --orders forward,random --trials 3",
+         "fragsim sweep --fragments 4 --schedules prefix,fair --link 200 --trials 3"],
         [(0, "every run matched its baseline and the outputs agreed"), (1, "some run did not"), USAGE_EXIT,
          CRASH_EXIT],
     )  # fmt: skip
@@ -506,6 +537,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="random orders: each trial's seed is derived from it")
     p.add_argument("--max-new-tokens", type=int, help="tokens per evaluation (default: the run default)")
     p.add_argument("--threads", type=int, help="torch threads (default: the run default)")
+    p.add_argument(
+        "--schedules",
+        metavar="arrival|fair|prefix,...",
+        help="also sweep who a limited link serves first: each schedule is a configuration of its own (needs "
+        "--link; implies --parallel); per configuration the seconds from the first byte to the first and final "
+        "checkpoint and the KL area over time (default none: no schedule axis)",
+    )
+    p.add_argument(
+        "--link", type=float, metavar="MB/S", help="every trial's coordinator ingress limit (default unlimited)"
+    )
+    p.add_argument(
+        "--bandwidth",
+        metavar="MB/S|FRAG:MB/S,...",
+        help="every trial's agent uplinks, as fragsim simulate --bandwidth (default unlimited)",
+    )
+    p.add_argument(
+        "--parallel", action="store_true", help="start every agent of a trial at once, as --schedules always does"
+    )
     p.add_argument("--out", default="artifacts/sweep", help="sweep.json, sweep.md and runs/ (default artifacts/sweep)")
 
     p = add_command(
@@ -549,6 +598,7 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--fragments", type=int, default=d.fragments, help=f"even ranges (default {d.fragments})")
     group.add_argument("--ranges", help="explicit ranges, e.g. 0-7,8-15,16-22,23-29")
     p.add_argument("--out", required=True, dest="run_dir", metavar="RUN_DIR", help="the run directory to create")
+    _link_arguments(p)
     p.add_argument(
         "--bind", default="tcp://0.0.0.0:5555", help="the coordinator's endpoint (default tcp://0.0.0.0:5555)"
     )
@@ -641,6 +691,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--log-dir", metavar="DIR", help="with --bundle: where logs/agent_KK.jsonl goes (default: beside the bundle)"
     )
+    p.add_argument(
+        "--bandwidth", type=float, metavar="MB/S",
+        help="with --bundle: this host's uplink; sends are paced to it (default unlimited)",
+    )  # fmt: skip
     p.add_argument(
         "--ready-file", metavar="PATH",
         help="with --bundle: written (JSON: run, fragment, pid, endpoint) once the source is verified and the "
@@ -748,14 +802,18 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "sweep":
         from transformers.utils import logging as hf_logging
 
-        from coordinator.lab.sweep import parse_fragments, parse_orders, sweep
+        from coordinator.lab.sweep import check_link_axis, parse_fragments, parse_orders, parse_schedules, sweep
         from coordinator.launch.prepare import prepare_default
 
         hf_logging.disable_progress_bar()
         fragments, orders = parse_fragments(args.fragments), parse_orders(args.orders)  # checked before any run
+        schedules = parse_schedules(args.schedules) if args.schedules is not None else None
+        check_link_axis(schedules, args.link, args.bandwidth, fragments)
         model = Path(args.model).resolve() if args.model else prepare_default(Path("artifacts"))
         summary = sweep(model, Path(args.out), fragments=fragments, trials=args.trials, orders=orders,
-                        seed=args.seed, max_new_tokens=args.max_new_tokens, threads=args.threads)  # fmt: skip
+                        seed=args.seed, max_new_tokens=args.max_new_tokens, threads=args.threads,
+                        schedules=schedules, link=args.link, bandwidth=args.bandwidth,
+                        parallel=args.parallel)  # fmt: skip
         return 0 if summary["ok"] else 1
     if args.command == "soak":
         from coordinator.lab.soak import soak
@@ -780,7 +838,8 @@ def _run(args: argparse.Namespace) -> int:
         from coordinator.launch.hosts import plan_command
         from coordinator.launch.options import SimulateOptions
 
-        fields = ("model", "dtype", "fragments", "ranges", "run_dir", "bind", "prompt", "max_new_tokens", "threads")
+        fields = ("model", "dtype", "fragments", "ranges", "run_dir", "bind", "prompt", "max_new_tokens", "threads",
+                  "link", "schedule")  # fmt: skip
         return plan_command(SimulateOptions(order="forward", **{k: getattr(args, k) for k in (*fields, "artifacts")}))
     if args.command == "serve":
         from coordinator.launch.hosts import RayServe, serve_command
@@ -799,7 +858,8 @@ def _run(args: argparse.Namespace) -> int:
             with stop_on_sigterm() as stop:  # SIGTERM: drain, BYE, exit 143
                 return main_bundle_agent(args.bundle, args.source, args.connect, fragment=args.fragment,
                                          retry_for_s=args.retry_for, log_dir=args.log_dir, environ=os.environ,
-                                         stop=stop, ready_file=args.ready_file)  # fmt: skip
+                                         stop=stop, ready_file=args.ready_file,
+                                         uplink_bytes_s=args.bandwidth * 1e6 if args.bandwidth else None)  # fmt: skip
         if args.fragment is None:
             raise PlanError("--fragment", None, "the fragment index (required with --run-dir)")
         return main_agent(args.run_dir, args.fragment, args.connect)

@@ -297,12 +297,14 @@ class Driver:
         next_launch = time.monotonic()
         while True:
             now = time.monotonic()
-            if self.pending and self.waiting_for is None and now >= next_launch:
+            # --parallel without a stagger starts every agent in this one pass: agents that start
+            # a loop turn apart would reach the coordinator (and a shared link) in that order.
+            while self.pending and self.waiting_for is None and time.monotonic() >= next_launch:
                 fragment = self.pending.pop(0)
                 if not self.opts.parallel:
                     self.waiting_for = fragment
                 self.spawn(fragment)
-                next_launch = now + self.opts.stagger
+                next_launch = time.monotonic() + self.opts.stagger
             for fragment, when in list(self.respawn_at.items()):
                 if now >= when:
                     del self.respawn_at[fragment]

@@ -8,7 +8,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from agents.source import SourceCheckpoint
+from coordinator.schedule import ARRIVAL, SCHEDULES
 from protocol.errors import PlanError
+from protocol.pacing import uplinks
 from protocol.plan import Plan
 from protocol.run_settings import RunOptions
 from sandbox import Sandbox
@@ -69,6 +71,7 @@ def check_options(opts: SimulateOptions) -> None:
         raise PlanError("--resume", True, "--kill-coordinator too (--resume restarts the coordinator it kills)")
     if opts.reassembly not in REASSEMBLIES:
         raise PlanError("--reassembly", opts.reassembly, f"one of {', '.join(REASSEMBLIES)}")
+    check_link(opts)
     if opts.dtype is not None and opts.dtype not in DTYPES:
         raise PlanError("--dtype", opts.dtype, f"one of {', '.join(DTYPES)}")
     host = check_bind(opts.bind)
@@ -80,6 +83,20 @@ def check_options(opts: SimulateOptions) -> None:
         )
     target = Path(opts.run_dir) if opts.run_dir else Path(opts.artifacts) / "runs"
     check_writable_dir(target, "--run-dir" if opts.run_dir else "--artifacts")
+
+
+def check_link(opts: SimulateOptions) -> None:
+    """--link, --schedule and --bandwidth: a schedule shares a limited link, so it needs one."""
+    if opts.link is not None and not 0 < opts.link < float("inf"):
+        raise PlanError("--link", opts.link, "the coordinator's ingress in MB/s, > 0")
+    if opts.schedule not in SCHEDULES:
+        raise PlanError("--schedule", opts.schedule, f"one of {', '.join(SCHEDULES)}")
+    if opts.schedule != ARRIVAL and opts.link is None:
+        raise PlanError(
+            "--schedule", opts.schedule, "--link MB/s too (a schedule decides who a limited link serves first)"
+        )
+    if opts.bandwidth is not None:
+        uplinks(opts.bandwidth, len(opts.ranges.split(",")) if opts.ranges else opts.fragments)
 
 
 def check_eval_text(path: Path) -> None:

@@ -11,7 +11,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 from rich.table import Table
 
-from coordinator.results import CHECKPOINT_HEADERS, checkpoint_rows
+from coordinator.results import CHECKPOINT_HEADERS, checkpoint_rows, progressive_line
 from protocol import link
 
 
@@ -59,8 +59,9 @@ class LiveView:
             self.bars.update(self.tasks[ev["fragment"]], completed=ev["received"])
         elif kind == link.ARRIVAL:
             grew = "[green]prefix grew[/]" if ev["grew"] else "prefix unchanged"
+            at = f" at {ev['since_start_s']:.2f}s" if ev.get("since_start_s") is not None else ""
             self.console.print(
-                f"arrival {ev['index']}: fragment {ev['fragment']} (layers {ev['fragment_layers']})"
+                f"arrival {ev['index']}{at}: fragment {ev['fragment']} (layers {ev['fragment_layers']})"
                 f" -> active layers {ev['layers']} {grew}"
             )
         elif kind == link.CHECKPOINT:
@@ -95,6 +96,9 @@ def print_summary(console: Console, results: dict[str, Any], run_dir: Path) -> N
     for row in checkpoint_rows(results):
         table.add_row(*[escape(str(v)) for v in row])
     console.print(table)
+    progressive = progressive_line(results)
+    if progressive:
+        console.print(escape(progressive))
     arrivals = Table(title="arrivals")
     for header in ["#", "fragment", "its layers", "active layers", "prefix grew"]:
         arrivals.add_column(header)

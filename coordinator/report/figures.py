@@ -154,6 +154,62 @@ def _legend_below(fig: Figure, axes: Any, ncols: int = 4) -> None:
         fig.legend(list(seen.values()), list(seen.keys()), loc="outside lower center", ncols=ncols, frameon=False)
 
 
+# ---- quality over wall time ----------------------------------------------------------------
+
+
+def _kl_steps(curve: dict[str, Any], right: float) -> tuple[list[float], list[float]]:
+    """A step curve's corners: KL before the first checkpoint (when known) from 0 s, each
+    checkpoint's KL from its time until the next, the last one held until `right`."""
+    pts = curve["points"]
+    xs = [float(p["t"]) for p in pts] + [max(right, float(pts[-1]["t"]))]
+    ys = [float(p["kl"]) for p in pts] + [float(pts[-1]["kl"])]
+    before = curve.get("kl_before")
+    if before is not None:
+        xs, ys = [0.0, *xs], [float(before), *ys]
+    return xs, ys
+
+
+def quality_over_time(series: Sequence[dict[str, Any]], *, annotate: bool = False) -> Figure:
+    """KL to the full model (nats/token) against seconds since the first byte, as steps: a
+    uniform guess (`kl_before`) until the first checkpoint, then each checkpoint's KL until the
+    next. `series`: {label, curves: [{points: [{t, kl, layers}], kl_before, main}]}; a main
+    curve is drawn thick with its checkpoints marked (and, with `annotate`, their active layers)
+    and, when there is one series, its area shaded (the area is its kl_area; several overlapping
+    shades would hide each other), the others thin. Linear y: the area under a line reads."""
+    fig = new_figure(2.9, "quality-time")
+    with styled():
+        ax = fig.subplots()
+        curves = [c for s in series for c in s["curves"] if c["points"]]
+        right = max((float(p["t"]) for c in curves for p in c["points"]), default=0.0) * 1.06 or 1.0
+        for i, s in enumerate(series):
+            color = SERIES[i % len(SERIES)]
+            for c in sorted((c for c in s["curves"] if c["points"]), key=lambda c: bool(c.get("main", True))):
+                xs, ys = _kl_steps(c, right)
+                if not c.get("main", True):
+                    ax.plot(xs, ys, drawstyle="steps-post", color=color, lw=0.8, alpha=0.35)
+                    continue
+                ax.plot(xs, ys, drawstyle="steps-post", color=color, lw=1.8, label=s["label"])
+                if len(series) == 1:
+                    ax.fill_between(xs, ys, step="post", color=color, alpha=0.1, lw=0)
+                pts = c["points"]
+                ax.plot([p["t"] for p in pts], [p["kl"] for p in pts], ls="none", marker="o", ms=4, color=color)
+                if annotate:
+                    for p in pts:
+                        ax.annotate(f"{p['layers']} L", (p["t"], p["kl"]), xytext=(3, 4), textcoords="offset points",
+                                    fontsize=7, color=color)  # fmt: skip
+        before = {round(float(c["kl_before"]), 9) for c in curves if c.get("kl_before") is not None}
+        if len(before) == 1:
+            level = before.pop()
+            ax.axhline(level, color=GREY, ls=":", lw=1, label=f"no model yet (uniform guess): {level:.3f} nats/token")
+        ax.set_xlim(0, right)
+        top = ax.get_ylim()[1] * (1.08 if annotate else 1.0)  # room for the labels of the highest markers
+        ax.set_ylim(-0.03 * top, top)  # the final checkpoint's KL 0 shows above the axis
+        ax.set_xlabel("seconds since the first byte streamed")
+        ax.set_ylabel("KL to the full model (nats/token)")
+        _legend_below(fig, ax, ncols=2)
+    return fig
+
+
 # ---- generation latency --------------------------------------------------------------------
 
 

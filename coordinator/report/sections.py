@@ -96,6 +96,7 @@ def run_sections(page: Page, src: RunSource, prefix: str = "run") -> None:
         ]
     )
     _quality_section(page, r, prefix, src.vocab_size)
+    _quality_time_section(page, r, prefix)
     _latency_section(page, r, prefix)
     _timeline_section(page, src, prefix)
     _residual_section(page, r, prefix)
@@ -189,6 +190,70 @@ def _quality_section(page: Page, r: dict[str, Any], prefix: str, vocab_size: int
             "in nats/token on the eval text."
         ),
         numeric=(0, 2, 4, 6, 7, 8, 9),
+    )
+
+
+def time_curve(checkpoints: Sequence[dict[str, Any]], kl_before: Any) -> dict[str, Any]:
+    """A run's KL over time: (seconds since the first byte, KL, active layers) of each checkpoint
+    that has both, and the uniform guess's KL before the first one (None when unknown)."""
+    points = [
+        {"t": float(c["since_start_s"]), "kl": float(c["quality"]["kl"]), "layers": c["layers"]}
+        for c in checkpoints
+        if isinstance(c.get("since_start_s"), (int, float))
+        and isinstance((c.get("quality") or {}).get("kl"), (int, float))
+    ]
+    return {"points": points, "kl_before": kl_before if isinstance(kl_before, (int, float)) else None}
+
+
+def link_label(schedule: Any, link_mb_s: Any, bandwidth: Any = None) -> str:
+    """How the bytes travelled: "prefix, link 2 MB/s", or "no link limit" (schedule None: the
+    link alone, "link 2 MB/s")."""
+    if link_mb_s is None:
+        words = "no link limit"
+    else:
+        words = (f"{schedule}, " if schedule else "") + f"link {link_mb_s:g} MB/s"
+    return words + (f", agent uplinks {bandwidth} MB/s" if bandwidth else "")
+
+
+KL_OVER_TIME = (
+    "KL(full model ‖ model) on the held-out eval text, in nats/token, against seconds since the first byte was "
+    "streamed: until the first checkpoint there is no model, only a uniform guess (dotted: ln V − H(full)); "
+    "each checkpoint's KL then holds until the next, and the final one is the full model (KL 0)."
+)
+
+
+def _quality_time_section(page: Page, r: dict[str, Any], prefix: str) -> None:
+    progressive = r.get("progressive") or {}
+    curve = time_curve(r["checkpoints"], progressive.get("kl_no_model"))
+    if not curve["points"]:  # results from before since_start_s, or no quality figures
+        return
+    page.section(f"{prefix}-quality-time", "Quality over time")
+    label = link_label(
+        progressive.get("schedule") or "arrival", progressive.get("link_mb_s"), progressive.get("bandwidth")
+    )
+    area = r.get("kl_area")
+    area_text = f"{area:.3f} nats·s" if isinstance(area, (int, float)) else "unknown"
+    fig = F.quality_over_time([{"label": label, "curves": [{**curve, "main": True}]}], annotate=True)
+    page.figure(
+        f"{prefix}-quality-time",
+        F.to_svg(fig),
+        f"{KL_OVER_TIME} This run ({label}): markers are its checkpoints, labelled with their active layers; the "
+        f"shaded area is its KL area, {area_text} (the smaller, the sooner a good model was there).",
+    )
+    page.table(
+        ["schedule", "link MB/s", "first checkpoint s", "final checkpoint s", "KL area (nats·s)"],
+        [
+            [
+                progressive.get("schedule") or "none (no link limit)",
+                _fmt(progressive.get("link_mb_s"), "g") or "unlimited",
+                _fmt(progressive.get("first_checkpoint_s"), ".3f"),
+                _fmt(progressive.get("final_checkpoint_s"), ".3f"),
+                _fmt(area, ".3f"),
+            ]
+        ],
+        caption="Seconds from the first byte streamed until the first and the final checkpoint were committed, and "
+        "the area under the curve above.",
+        numeric=(1, 2, 3, 4),
     )
 
 
@@ -361,15 +426,22 @@ def _same(value: int, ref: int | None) -> str:
 
 def sweep_title(src: SweepSource) -> tuple[str, str]:
     s = src.sweep
+    schedules = f", schedules {s['schedules']}" if s.get("schedules") else ""
+    link = f" over a shared {link_label(None, s['link_mb_s'], s.get('bandwidth'))}" if s.get("link_mb_s") else ""
     lede = (
-        f"{s['model']}: fragment counts {s['fragments']}, orders {s['orders']}, {s['trials']} trials each, "
-        f"{s['trials_run']} runs in {s.get('seconds', 0):.0f} s."
+        f"{s['model']}: fragment counts {s['fragments']}, orders {s['orders']}{schedules}, {s['trials']} trials "
+        f"each{link}, {s['trials_run']} runs in {s.get('seconds', 0):.0f} s."
     )
     return f"fragsim sweep {src.sweep_dir.name}", lede
 
 
-def _series_key(g: dict[str, Any]) -> tuple[int, str]:
-    return (int(g["fragments"]), str(g["order"]))
+def _series_key(g: dict[str, Any]) -> tuple[int, str, str]:
+    return (int(g["fragments"]), str(g["order"]), str(g.get("schedule") or ""))
+
+
+def _series_label(k: tuple[int, str, str], s: dict[str, Any]) -> str:
+    label = f"{k[0]} fragments" + ("" if len(s["orders"]) == 1 else f", {k[1]}")
+    return label + (f", {k[2]}" if k[2] else "")
 
 
 def sweep_sections(page: Page, src: SweepSource, prefix: str = "sweep") -> None:
@@ -385,7 +457,7 @@ def sweep_sections(page: Page, src: SweepSource, prefix: str = "sweep") -> None:
     page.paragraph(str(s.get("note", "")))
     groups = s.get("groups") or []
     keys = sorted({_series_key(g) for g in groups})
-    label = {k: f"{k[0]} fragments" + ("" if len(s["orders"]) == 1 else f", {k[1]}") for k in keys}
+    label = {k: _series_label(k, s) for k in keys}
     quality_series: list[dict[str, Any]] = []
     latency: list[dict[str, Any]] = []
     for k in keys:
@@ -480,7 +552,7 @@ def sweep_sections(page: Page, src: SweepSource, prefix: str = "sweep") -> None:
             [
                 [
                     c["fragments"],
-                    c["order"],
+                    c["order"] + (f", {c['schedule']}" if c.get("schedule") else ""),
                     ", ".join(c.get("ranges") or []),
                     c["trials"],
                     _fmt((c.get("transfer_mb_per_s") or {}).get("median"), ".1f"),
@@ -493,6 +565,7 @@ def sweep_sections(page: Page, src: SweepSource, prefix: str = "sweep") -> None:
             "verdict.",
             numeric=(0, 3, 4, 5, 6),
         )
+    _sweep_quality_time(page, s, prefix)
     if failed:
         page.table(
             ["fragments", "order", "trial", "exit code", "bit-exact", "error", "run directory"],
@@ -505,6 +578,65 @@ def sweep_sections(page: Page, src: SweepSource, prefix: str = "sweep") -> None:
             ],
             caption="Trials that failed.",
         )
+
+
+def _sweep_quality_time(page: Page, s: dict[str, Any], prefix: str) -> None:
+    """One colour per configuration (per schedule with --schedules): every trial thin, the trial
+    of the median KL area thick; then the seconds and KL areas over trials."""
+    configs = [c for c in s.get("configs") or [] if ((c.get("progressive") or {}).get("kl_area") or {}).get("n")]
+    if not configs:  # a sweep from before since_start_s and kl_area
+        return
+    trials = s.get("per_trial") or []
+    series = []
+    for c in configs:
+        p = c["progressive"]
+        key = _series_key(c)
+        mine = [t for t in trials if _series_key({**t, "schedule": t.get("schedule")}) == key]
+        curves = [
+            {**time_curve(t.get("checkpoints") or [], (t.get("progressive") or {}).get("kl_no_model")),
+             "main": t.get("trial") == p.get("median_trial")}
+            for t in mine
+        ]  # fmt: skip
+        what = key[2] or ("arrival" if s.get("link_mb_s") else "no link limit")
+        parts = ([f"{key[0]} fragments"] if len(s["fragments"]) > 1 else []) + (
+            [key[1]] if len(s["orders"]) > 1 else []
+        )
+        area = p["kl_area"]["median"]
+        series.append({"label": ", ".join([*parts, what]) + f": median KL area {area:.3f} nats·s", "curves": curves})
+    page.section(f"{prefix}-quality-time", "Quality over time" + (", per schedule" if s.get("schedules") else ""))
+    link = link_label(None, s.get("link_mb_s"), s.get("bandwidth"))
+    page.figure(
+        f"{prefix}-quality-time",
+        F.to_svg(F.quality_over_time(series)),
+        f"{KL_OVER_TIME} One colour per configuration"
+        + (" (schedule)" if s.get("schedules") else "")
+        + f", {s['trials']} trial(s) each, {link}: every trial thin, the trial with the median KL area (the lower "
+        "middle one of an even count) thick with its checkpoints marked; the area under a line is that trial's KL "
+        "area in nats·s, and the legend gives the median over trials.",
+    )
+
+    def stat(stats: dict[str, Any], spec: str) -> tuple[str | None, str | None]:
+        if not stats.get("n"):
+            return None, None
+        low, high = stats["ci95_of_median"]
+        return _fmt(stats["median"], spec), f"[{low:{spec}}, {high:{spec}}]"
+
+    rows = []
+    for c in configs:
+        p = c["progressive"]
+        row: list[Any] = [c["fragments"], c["order"], c.get("schedule") or "none"]
+        row += [_fmt(p.get("link_mb_s"), "g") or "unlimited", p["kl_area"]["n"]]
+        for figure in ("first_checkpoint_s", "final_checkpoint_s", "kl_area"):
+            row += stat(p.get(figure) or {}, ".3f")
+        rows.append(row)
+    page.table(
+        ["fragments", "order", "schedule", "link MB/s", "n", "first checkpoint s", "95 % CI", "final checkpoint s"]
+        + ["95 % CI", "KL area (nats·s)", "95 % CI"],
+        rows,
+        caption="Per configuration, medians over trials with the percentile-bootstrap 95 % CI of the median: seconds "
+        "from the first byte streamed to the first and to the final checkpoint, and the KL area.",
+        numeric=(0, 3, 4, 5, 7, 9),
+    )
 
 
 def _value(field: Any) -> Any:
