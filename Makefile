@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: venv prepare simulate chaos chaos-soak replay report bench ablate sweep lint browser test test-fast test-ray clean-runs
+.PHONY: venv prepare simulate chaos chaos-soak replay report bench ablate sweep progressive lint browser test test-fast test-ray clean-runs
 
 # The documented fault-injection default: two agents SIGKILLed at different points and
 # respawned, and the coordinator SIGKILLed at 60% of all bytes and resumed from the sandbox.
@@ -58,6 +58,12 @@ ablate: $(STAMP)
 # Repeated real runs per fragment count (2, 4, 6): generation-time variance, determinism.
 sweep: $(STAMP)
 	$(PY) -m coordinator.launch sweep $(ARGS)
+
+# Progressive arrival on the real model: prefix against fair over a shared 200 MB/s link,
+# 4 and 8 fragments, agents launched in fragment order and at random, 5 trials each (~10 min).
+PROGRESSIVE_ARGS = --fragments 4,8 --schedules prefix,fair --link 200 --trials 5 --orders forward,random --out artifacts/progressive
+progressive: $(STAMP)
+	$(PY) -m coordinator.launch sweep $(PROGRESSIVE_ARGS) $(ARGS)
 
 replay: $(STAMP)
 	$(PY) -m coordinator.launch replay $(RUN) $(ARGS)

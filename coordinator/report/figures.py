@@ -157,13 +157,16 @@ def _legend_below(fig: Figure, axes: Any, ncols: int = 4) -> None:
 # ---- quality over wall time ----------------------------------------------------------------
 
 
-def _kl_steps(curve: dict[str, Any], right: float) -> tuple[list[float], list[float]]:
+def _kl_steps(curve: dict[str, Any], right: float, key: str = "kl") -> tuple[list[float], list[float]]:
     """A step curve's corners: KL before the first checkpoint (when known) from 0 s, each
-    checkpoint's KL from its time until the next, the last one held until `right`."""
-    pts = curve["points"]
+    checkpoint's KL from its time until the next, the last one held until `right`. With
+    key="top1" the same for top-1 agreement, 0 before the first checkpoint."""
+    pts = [p for p in curve["points"] if p.get(key) is not None]
+    if not pts:
+        return [], []
     xs = [float(p["t"]) for p in pts] + [max(right, float(pts[-1]["t"]))]
-    ys = [float(p["kl"]) for p in pts] + [float(pts[-1]["kl"])]
-    before = curve.get("kl_before")
+    ys = [float(p[key]) for p in pts] + [float(pts[-1][key])]
+    before = curve.get("kl_before") if key == "kl" else 0.0
     if before is not None:
         xs, ys = [0.0, *xs], [float(before), *ys]
     return xs, ys
@@ -176,18 +179,21 @@ def quality_over_time(series: Sequence[dict[str, Any]], *, annotate: bool = Fals
     curve is drawn thick with its checkpoints marked (and, with `annotate`, their active layers)
     and, when there is one series, its area shaded (the area is its kl_area; several overlapping
     shades would hide each other), the others thin. Linear y: the area under a line reads."""
-    fig = new_figure(2.9, "quality-time")
+    fig = new_figure(4.6, "quality-time")
     with styled():
-        ax = fig.subplots()
+        ax, ax_top1 = fig.subplots(2, 1, sharex=True, height_ratios=[3, 2])
         curves = [c for s in series for c in s["curves"] if c["points"]]
         right = max((float(p["t"]) for c in curves for p in c["points"]), default=0.0) * 1.06 or 1.0
         for i, s in enumerate(series):
             color = SERIES[i % len(SERIES)]
             for c in sorted((c for c in s["curves"] if c["points"]), key=lambda c: bool(c.get("main", True))):
                 xs, ys = _kl_steps(c, right)
+                top_xs, top_ys = _kl_steps(c, right, "top1")
                 if not c.get("main", True):
                     ax.plot(xs, ys, drawstyle="steps-post", color=color, lw=0.8, alpha=0.35)
+                    ax_top1.plot(top_xs, top_ys, drawstyle="steps-post", color=color, lw=0.8, alpha=0.35)
                     continue
+                ax_top1.plot(top_xs, top_ys, drawstyle="steps-post", color=color, lw=1.8)
                 ax.plot(xs, ys, drawstyle="steps-post", color=color, lw=1.8, label=s["label"])
                 if len(series) == 1:
                     ax.fill_between(xs, ys, step="post", color=color, alpha=0.1, lw=0)
@@ -204,8 +210,10 @@ def quality_over_time(series: Sequence[dict[str, Any]], *, annotate: bool = Fals
         ax.set_xlim(0, right)
         top = ax.get_ylim()[1] * (1.08 if annotate else 1.0)  # room for the labels of the highest markers
         ax.set_ylim(-0.03 * top, top)  # the final checkpoint's KL 0 shows above the axis
-        ax.set_xlabel("seconds since the first byte streamed")
-        ax.set_ylabel("KL to the full model (nats/token)")
+        ax_top1.set_xlabel("seconds since the first byte streamed")
+        ax.set_ylabel("KL to full (nats/token)")
+        ax_top1.set_ylabel("top-1 = full")
+        ax_top1.set_ylim(-0.03, 1.05)
         _legend_below(fig, ax, ncols=2)
     return fig
 

@@ -197,7 +197,12 @@ def time_curve(checkpoints: Sequence[dict[str, Any]], kl_before: Any) -> dict[st
     """A run's KL over time: (seconds since the first byte, KL, active layers) of each checkpoint
     that has both, and the uniform guess's KL before the first one (None when unknown)."""
     points = [
-        {"t": float(c["since_start_s"]), "kl": float(c["quality"]["kl"]), "layers": c["layers"]}
+        {
+            "t": float(c["since_start_s"]),
+            "kl": float(c["quality"]["kl"]),
+            "top1": c["quality"].get("top1"),
+            "layers": c["layers"],
+        }
         for c in checkpoints
         if isinstance(c.get("since_start_s"), (int, float))
         and isinstance((c.get("quality") or {}).get("kl"), (int, float))
@@ -218,7 +223,9 @@ def link_label(schedule: Any, link_mb_s: Any, bandwidth: Any = None) -> str:
 KL_OVER_TIME = (
     "KL(full model ‖ model) on the held-out eval text, in nats/token, against seconds since the first byte was "
     "streamed: until the first checkpoint there is no model, only a uniform guess (dotted: ln V − H(full)); "
-    "each checkpoint's KL then holds until the next, and the final one is the full model (KL 0)."
+    "each checkpoint's KL then holds until the next, and the final one is the full model (KL 0). Below: the share "
+    "of eval positions whose most likely next token is the full model's (top-1 agreement; 0 before the first "
+    "checkpoint), the same way."
 )
 
 
