@@ -40,11 +40,15 @@ PIECE_SIZE = 4096  # many pieces per fragment, so a kill lands mid-transfer
 @pytest.fixture
 def cluster_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     """Ray's health checks as the README sets them (a lost node is dead in ~4.5 s, not ~63 s),
-    and Ray's session files in a directory of this test's own, removed after."""
+    and Ray's session and address files in a directory of this test's own, removed after."""
     for key, value in RAY_HEALTH_CHECK_ENV.items():
         monkeypatch.setenv(key, value)
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     temp = Path(tempfile.mkdtemp(prefix="fsray-", dir="/tmp"))  # short: Ray's unix sockets live in it
+    # Ray also writes its "current cluster" address file under $RAY_TMPDIR/ray (default /tmp/ray,
+    # which a fresh machine does not have: Cluster() then fails): keep that here too.
+    (temp / "ray").mkdir()
+    monkeypatch.setenv("RAY_TMPDIR", str(temp))
     yield temp
     shutil.rmtree(temp, ignore_errors=True)
 
