@@ -69,7 +69,7 @@ def build_results(
     since = timing.get("since_start_s", {})
     checkpoints = [{**c, "since_start_s": since.get(c["checkpoint"])} for c in checkpoints]
     kl_before = _kl_no_model(plan, baseline)
-    area = kl_area([(c["since_start_s"], c.get("quality", {}).get("kl")) for c in checkpoints], kl_before)
+    area = step_area([(c["since_start_s"], c.get("quality", {}).get("kl")) for c in checkpoints], kl_before)
     misses = [(c["since_start_s"], _miss(c.get("quality", {}).get("top1"))) for c in checkpoints]
     return {
         "schema_version": RESULTS_SCHEMA_VERSION,
@@ -95,7 +95,7 @@ def build_results(
         "final": final,
         "final_matches_baseline": bool(final.get("final_matches_baseline", False)),
         "kl_area": area,
-        "top1_miss_area": kl_area(misses, 1.0),
+        "top1_miss_area": step_area(misses, 1.0),
         "progressive": {
             "schedule": timing.get("schedule"),
             "link_mb_s": timing["link_bytes_s"] / 1e6 if timing.get("link_bytes_s") else None,
@@ -118,21 +118,22 @@ def _miss(top1: float | None) -> float | None:
     return None if top1 is None else 1.0 - top1
 
 
-def kl_area(points: list[tuple[float | None, float | None]], kl_before: float | None) -> float | None:
-    """The area under KL-to-the-full-model over time (nats x seconds), from the first byte
-    streamed to the last checkpoint: `points` are (seconds since the first byte, KL) of each
-    checkpoint in order; until the first one the model is nothing, a uniform guess (`kl_before`);
-    each checkpoint's KL holds until the next. None when a time or KL is unknown. The same step
-    area of 1 - top-1 agreement (1 before the first checkpoint: a uniform guess's argmax is
-    arbitrary) is `top1_miss_area`: the seconds of disagreement with the full model."""
-    if not points or kl_before is None:
+def step_area(points: list[tuple[float | None, float | None]], before: float | None) -> float | None:
+    """The area under a step curve over time, from the first byte streamed to the last
+    checkpoint: `points` are (seconds since the first byte, value) of each checkpoint in order;
+    until the first one the model is nothing (`before`), and each checkpoint's value holds until
+    the next. None when a time or value is unknown. For KL to the full model, `before` is a
+    uniform guess's KL and the area is `kl_area` (nats x seconds); for 1 - top-1 agreement,
+    `before` is 1 (a uniform guess's argmax is arbitrary) and the area is `top1_miss_area`, the
+    seconds of disagreement with the full model."""
+    if not points or before is None:
         return None
-    area, t_prev, kl_prev = 0.0, 0.0, kl_before
-    for t, kl in points:
-        if t is None or kl is None:
+    area, t_prev, held = 0.0, 0.0, before
+    for t, value in points:
+        if t is None or value is None:
             return None
-        area += kl_prev * max(0.0, t - t_prev)
-        t_prev, kl_prev = max(t_prev, t), kl
+        area += held * max(0.0, t - t_prev)
+        t_prev, held = max(t_prev, t), value
     return round(area, 6)
 
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from test_core import hello
 
 from agents.source import SourceCheckpoint
 from coordinator.core import Core, CoreSettings
@@ -18,7 +19,6 @@ from coordinator.events import (
     Arrival,
     Chunk,
     Grants,
-    Hello,
     Send,
     Tick,
     Verified,
@@ -31,7 +31,6 @@ from protocol.layers import split_layers
 from protocol.messages import expand_want
 from protocol.pacing import TokenBucket, uplinks
 from protocol.plan import Plan
-from protocol.version import PROTOCOL_VERSION
 
 LINK = 2e6  # bytes/s of the simulated coordinator link
 STEP = 0.001  # the simulated loop's tick
@@ -197,10 +196,7 @@ def run_link(plan: Plan, schedule: str, agents: list[SimAgent], until: float = 3
         for a in agents:
             if not a.said_hello and t >= a.start:
                 a.said_hello = True
-                header = {"v": PROTOCOL_VERSION, "run": plan.run_id, "plan": plan.digest, "fragment": a.fragment,
-                          "first_layer": plan.fragments[a.fragment].first_layer,
-                          "last_layer": plan.fragments[a.fragment].last_layer, "pid": 1}  # fmt: skip
-                apply(t, core.handle(Hello(t, a.peer, header)))
+                apply(t, core.handle(hello(plan, a.fragment, a.peer, t)))
             while a.said_hello and a.credit > 0 and a.queue:
                 if a.bucket is not None:
                     a.bucket.start(t)
@@ -275,15 +271,13 @@ def test_prefix_gives_a_slow_uplink_all_it_can_take_and_the_rest_to_others(plan:
 
 def test_a_dead_agent_gives_its_reserved_link_back(plan: Plan) -> None:
     core = Core(plan, CoreSettings(link_bytes_s=LINK, schedule=PREFIX, dead_after_s=1.0))
-    header = {"v": PROTOCOL_VERSION, "run": plan.run_id, "plan": plan.digest, "fragment": 0,
-              "first_layer": 0, "last_layer": plan.fragments[0].last_layer, "pid": 1}  # fmt: skip
-    core.handle(Hello(0.0, "peer0", header))
+    core.handle(hello(plan, 0, "peer0"))
     core.handle(Tick(0.01))
     reserved = sum(core.peers["peer0"].reserved)
     assert reserved > 0
     assert core.link is not None
     before = core.link.tokens(0.01)
-    [dead] = core.handle(AgentExited(0.01, 1))
+    [dead] = core.handle(AgentExited(0.01, 1000))  # the pid test_core.hello gives fragment 0
     assert isinstance(dead, AgentDead) and "peer0" not in core.peers
     assert core.link.tokens(0.01) == pytest.approx(min(core.link.capacity, before + reserved))
 
@@ -296,8 +290,6 @@ def test_grants_replay_identically(plan: Plan) -> None:
 
 def test_without_a_link_the_welcome_grants_the_window_at_once(plan: Plan) -> None:
     core = Core(plan, CoreSettings(credit=3))
-    header = {"v": PROTOCOL_VERSION, "run": plan.run_id, "plan": plan.digest, "fragment": 0,
-              "first_layer": 0, "last_layer": plan.fragments[0].last_layer, "pid": 1}  # fmt: skip
-    actions = core.handle(Hello(0.0, "peer0", header))
+    actions = core.handle(hello(plan, 0, "peer0"))
     assert [a.header["credit"] for a in actions if isinstance(a, Send)] == [3]
     assert not any(isinstance(a, Grants) for a in actions)
