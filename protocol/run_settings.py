@@ -37,6 +37,9 @@ class RunOptions:
     prompt: str = DEFAULT_PROMPT
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
     eval_text: str | None = None  # held-out text file of the quality metrics; None: the shipped one
+    eval_corpus: str | None = None  # "lee" or a file of one document per line: lm-eval units, floors, KL tail
+    eval_documents: int | None = None  # the first N documents of the corpus's eval set (None: all)
+    lens: bool = True  # read every checkpoint through the model's tuned lens too, when one is cached
     probe: str = DEFAULT_PROBE
     run_dir: str | None = None
     artifacts: str = "artifacts"

@@ -3,6 +3,7 @@
 artifacts/runs/<run_id>/            one run = one sandbox: the coordinator writes nowhere else
   plan.json  run.json               the trust anchor; the options the launcher recorded
   eval_text.txt                     the held-out text every checkpoint is scored on (a copy)
+  eval_corpus.json                  --eval-corpus: its eval and fit documents (a copy)
   keys/                             per-run CURVE key pairs (secret keys 0600)
   baseline/                         the full source model's completion, tokens and logits
   quorum/fragment_KK.partial/       a fragment while its pieces arrive
@@ -26,10 +27,14 @@ RAY_JSON = "ray.json"  # serve --ray: the cluster address and the endpoint its a
 REPORT_HTML = "report.html"
 # A copy, so the run is self-contained: baseline, coordinator and a resume score the same text.
 EVAL_TEXT = "eval_text.txt"
+EVAL_CORPUS = "eval_corpus.json"
 
 BASELINE_DIR = "baseline"
 BASELINE_JSON = f"{BASELINE_DIR}/baseline.json"
 BASELINE_LOGITS = f"{BASELINE_DIR}/logits.safetensors"
+# --eval-corpus: the full model at every corpus token (coordinator.corpus.scoring)
+BASELINE_CORPUS = f"{BASELINE_DIR}/corpus.safetensors"
+BASELINE_LENS = f"{BASELINE_DIR}/lens.safetensors"  # the model's tuned lens, when `fragsim lens fit` made one
 
 KEYS_DIR = "keys"
 BUNDLES_DIR = "bundles"  # fragsim plan: one owner-only bundle per fragment, for agents on other hosts

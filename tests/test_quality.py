@@ -25,7 +25,8 @@ from protocol.plan import Plan
 from protocol.run_settings import DEFAULT_PROBE, RunSettings
 from sandbox import layout
 
-STAT_KEYS = {"index", "mean", "std", "min", "max", "rms"}
+STAT_KEYS = {"index", "mean", "std", "min", "max", "rms"}  # what results.py and the report read since the start
+MAGNITUDE_KEYS = {"median_abs", "top", "max_over_median", "massive", "massive_entries", "top_share_of_squares"}
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +81,8 @@ def test_hidden_states_have_one_row_per_residual_index(run: dict[str, Any]) -> N
         rows = c["hidden_states"]
         assert [h["index"] for h in rows] == list(range(c["layers"] + 1))
         for h in rows:
-            assert set(h) == STAT_KEYS
+            assert set(h) == STAT_KEYS | MAGNITUDE_KEYS | {"without_first"}
+            assert set(h["without_first"]) == STAT_KEYS - {"index"} | MAGNITUDE_KEYS
             assert h["min"] <= h["mean"] <= h["max"] and h["std"] >= 0 and h["rms"] >= abs(h["mean"])
 
 

@@ -13,11 +13,13 @@ from typing import Any
 import pytest
 
 from coordinator.launch.cli import main
+from coordinator.report import selfcheck
 from coordinator.report import timeline as T
 from coordinator.report.build import write_report
 from coordinator.report.timeline import build_timeline
 
 RUN_FIGURES = {"run-quality", "run-quality-time", "run-latency", "run-timeline", "run-residual", "run-census"}
+GAPS_RUN_FIGURES = RUN_FIGURES | {"run-gaps"}  # --reassembly gaps with a gapped arrival adds the gaps figure
 SWEEP_FIGURES = {"sweep-quality", "sweep-latency", "sweep-quality-time"}
 ABLATION_FIGURES = {"ablation-layers"}
 VOID = {"meta", "br", "hr", "img", "input", "link", "col", "area", "base", "wbr", "source", "path", "rect", "use"}
@@ -135,7 +137,7 @@ def test_simulate_records_the_time_the_report_took(plain_run: tuple[int, Path, s
 def test_run_report_parses_and_holds_every_run_figure(plain_run: tuple[int, Path, str]) -> None:
     _, run_dir, _ = plain_run
     page = parse_page(run_dir / "report.html")
-    assert set(page.figures) == RUN_FIGURES
+    assert set(page.figures) == GAPS_RUN_FIGURES
     assert {"table", "figcaption", "svg", "nav"} <= page.tags
 
 
@@ -153,10 +155,93 @@ def test_run_report_marks_gap_checkpoints(plain_run: tuple[int, Path, str]) -> N
     assert "Hollow diamonds" in (plain_run[1] / "report.html").read_text()
 
 
+def test_a_gaps_run_report_draws_holes_skipped_against_the_prefix(plain_run: tuple[int, Path, str]) -> None:
+    run_dir = plain_run[1]
+    results = json.loads((run_dir / "results.json").read_text())
+    gap = results["gap_checkpoints"][0]
+    arrival = next(a for a in results["arrivals"] if a["index"] == gap["arrival"])
+    assert gap["since_start_s"] == arrival["since_start_s"] is not None, "a gap model is timed by its arrival"
+    text = (run_dir / "report.html").read_text()
+    figure = re.search(r'<figure id="fig-run-gaps".*?</figure>', text, flags=re.S)
+    assert figure is not None
+    for words in ("(a) at equal layer count", "(b) over wall-clock time", "active layers", "seconds since the first"):
+        assert words in figure.group(0), words
+    assert "Holes skipped against the contiguous prefix" in text
+
+
+def test_a_run_without_gap_checkpoints_has_no_gaps_figure(faulted_run: Path) -> None:
+    assert 'id="fig-run-gaps"' not in write_report([faulted_run]).path.read_text()
+
+
+def _self_check_rows(text: str) -> list[list[str]]:
+    table = re.search(r"<table><caption><b>Table \d+\.</b> Self-check.*?</table>", text, flags=re.S)
+    assert table is not None, "the self-check table"
+    rows = re.findall(r"<tr>(.*?)</tr>", table.group(0), flags=re.S)
+    return [re.findall(r"<td[^>]*>(.*?)</td>", row, flags=re.S) for row in rows if "<td" in row]
+
+
+def test_run_report_opens_with_a_self_check_that_passes(plain_run: tuple[int, Path, str]) -> None:
+    text = (plain_run[1] / "report.html").read_text()
+    assert text.index("Self-check") < text.index('id="fig-run-quality"'), "at the top, before the figures"
+    rows = _self_check_rows(text)
+    assert [row[0] for row in rows] == [
+        "all-layer checkpoint = full model",
+        "each prefix through the real final norm, on its own statistics",
+        "evaluation protocol",
+    ]
+    assert [row[2] for row in rows] == ["pass", "pass", "pass"], rows
+    assert "logits max |Δ| = 0.0" in rows[0][1]
+    assert "max |Δ| = 0 over" in rows[1][1] and "model.norm.weight" in rows[1][1]
+    assert "eval_text.txt" in rows[2][1] and "scored positions" in rows[2][1]
+
+
+def test_every_checkpoint_records_its_final_norm_check(plain_run: tuple[int, Path, str]) -> None:
+    results = json.loads((plain_run[1] / "results.json").read_text())
+    plan = json.loads((plain_run[1] / "plan.json").read_text())
+    source = {it["name"]: it["digest"] for f in plan["fragments"] for it in f["items"]}
+    for record in results["checkpoints"] + results["gap_checkpoints"]:
+        check = record["norm_check"]
+        assert check["ok"] and check["max_abs_diff"] == 0.0 and check["kind"] == "rmsnorm"
+        assert check["input_rms"] == record["hidden_states"][-1]["rms"], "the norm sees the model's own last state"
+        assert check["weight_digest"] == source["model.norm.weight"]
+    rms = {c["norm_check"]["input_rms"] for c in results["checkpoints"]}
+    assert len(rms) == len(results["checkpoints"]), "each prefix is normalised on its own statistics"
+
+
+def test_the_self_check_fails_on_a_logits_difference_a_wrong_norm_and_another_protocol() -> None:
+    base_row = {"index": 2, "rms": 3.0}
+    check = {"ok": True, "max_abs_diff": 0.0, "tolerance": 1e-6, "input_rms": 3.0, "kind": "rmsnorm", "eps": 1e-5}
+    check |= {"weight_name": "model.norm.weight", "weight_digest": "aa"}
+    r: dict[str, Any] = {
+        "final": {"complete": True, "logits_max_abs_diff": 0.5, "logits_positions": 4, "final_matches_baseline": False},
+        "baseline": {"quality": {"tokens": 40}},
+        "run": {"eval_text": None},
+        "checkpoints": [
+            {"checkpoint": 0, "hidden_states": [base_row], "norm_check": check, "quality": {"tokens": 40}},
+            {
+                "checkpoint": 1,
+                "hidden_states": [base_row],
+                "norm_check": {**check, "ok": False, "max_abs_diff": 0.1},
+                "quality": {"tokens": 39},
+            },
+        ],
+    }
+    logits, norm, protocol = selfcheck.run_checks(r, {"model.norm.weight": "aa"})
+    assert not logits.passed and "0.5" in logits.measured
+    assert not norm.passed and "checkpoint 1: max |Δ| 0.1" in norm.measured
+    assert not protocol.passed and "[39, 40]" in protocol.measured
+    r["checkpoints"] = r["checkpoints"][:1]
+    r["final"] |= {"logits_max_abs_diff": 0.0, "final_matches_baseline": True}
+    assert all(c.passed for c in selfcheck.run_checks(r, {"model.norm.weight": "aa"}))
+    assert not selfcheck.run_checks(r, {"model.norm.weight": "bb"})[1].passed, "a weight that is not the source's"
+    r["quality_protocol"] = {"corpus": "wikitext-2 test", "tokens": 40}
+    assert "corpus: wikitext-2 test" in selfcheck.protocol_check(r).measured
+
+
 def test_every_figure_caption_names_its_units(plain_run: tuple[int, Path, str]) -> None:
     text = (plain_run[1] / "report.html").read_text()
     captions = re.findall(r"<figcaption>(.*?)</figcaption>", text, flags=re.S)
-    assert len(captions) == len(RUN_FIGURES)
+    assert len(captions) == len(GAPS_RUN_FIGURES)
     units = ("nats", "seconds", "parameters", "log scale")
     for caption in captions:
         assert any(u in caption.lower() for u in units), caption
@@ -219,7 +304,7 @@ def test_one_page_for_a_run_a_sweep_and_an_ablation(
     out = tmp_path / "paper.html"
     assert main(["report", str(plain_run[1]), str(sweep_dir), str(ablation_json), "--out", str(out)]) == 0
     page = parse_page(out)
-    assert len(page.figures) == len(RUN_FIGURES) + len(SWEEP_FIGURES) + len(ABLATION_FIGURES)
+    assert len(page.figures) == len(GAPS_RUN_FIGURES) + len(SWEEP_FIGURES) + len(ABLATION_FIGURES)
     assert len(set(page.figures)) == len(page.figures), "anchors are unique on a combined page"
 
 

@@ -11,6 +11,7 @@ from typing import Any
 from safetensors.torch import save as save_safetensors_bytes
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from coordinator.corpus.in_run import record_corpus_baseline
 from coordinator.evaluate import generate, prompt_ids, residual_stream_stats, sequence_logits, set_determinism
 from coordinator.quality import eval_ids, eval_limit, text_quality
 from protocol.run_settings import DEFAULT_PROBE
@@ -73,5 +74,8 @@ def record_baseline(
         "quality_s": round(quality_s, 6),
         "hidden_states": hidden_states,
     }
+    corpus = record_corpus_baseline(box, model, tokenizer)
+    if corpus is not None:
+        record["corpus"] = corpus
     box.write_json(BASELINE_JSON, record)
     return record

@@ -134,6 +134,29 @@ def _simulate_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
         "with the full model (default: the shipped coordinator/data/eval_text.txt)",
     )
     p.add_argument(
+        "--eval-corpus",
+        default=d.eval_corpus,
+        metavar="lee|FILE",
+        help="also score every checkpoint on a corpus as lm-eval does (bits per byte, byte and word "
+        "perplexity), against floors (uniform, unigram, embeddings only) with llama.cpp's KL block and "
+        "document-bootstrap CIs: lee = gensim's Lee corpus of 300 news articles (100 eval, 200 fit), or a "
+        "UTF-8 file of one document per line (default none: slow, ~1 min per checkpoint for lee)",
+    )
+    p.add_argument(
+        "--no-lens",
+        dest="lens",
+        action="store_false",
+        help="do not read checkpoints through the model's tuned lens even when `fragsim lens fit` cached one "
+        "(default: use it when there is one)",
+    )
+    p.add_argument(
+        "--eval-documents",
+        type=int,
+        default=d.eval_documents,
+        metavar="N",
+        help="score only the first N documents of the corpus's eval set (default all)",
+    )
+    p.add_argument(
         "--probe",
         default=d.probe,
         metavar="TEXT",
@@ -500,10 +523,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = add_command(
         sub,
         "ablate",
-        "remove each layer, then contiguous blocks, in turn: CE/PPL; JSON",
-        "Remove each decoder layer in turn (and each contiguous block of the given widths), score the held-out "
-        "text and compare the damage with seed 001's claims; writes the JSON and a report beside it.",
-        ["fragsim ablate (or: make ablate)", "fragsim ablate --model DIR --blocks 1,2 --max-tokens 128"],
+        "ablate each layer, then contiguous blocks, in turn: CE/PPL, greedy removal, proxies; JSON",
+        "Ablate each decoder layer in turn (and each contiguous block of the given widths) by one or more methods, "
+        "score the held-out text and compare the damage with seed 001's claims; optionally remove layers greedily "
+        "(SLEB); rank the damage against Block Influence and angular distance; writes the JSON and a report "
+        "beside it.",
+        [
+            "fragsim ablate (or: make ablate)",
+            "fragsim ablate --model DIR --blocks 1,2 --max-tokens 128",
+            "fragsim ablate --ablation skip,zero-output,mean,resample --greedy 4",
+        ],
         [(0, "measured and written"), USAGE_EXIT, CRASH_EXIT],
     )
     p.add_argument("--model", help="checkpoint dir (default: the embedded SmolLM2, prepared once)")
@@ -514,9 +543,46 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="W,W,...",
         help="widths of the contiguous blocks removed (default 1,2,4; 1 = single layers, always measured)",
     )
+    p.add_argument(
+        "--ablation",
+        default="skip",
+        metavar="M,M,...",
+        help="what ablating a layer means, one or several of skip (delete it: its input passes through), "
+        "zero-output (zero its output), mean (its update replaced by the update's mean over the positions), "
+        "resample (by another position's update) (default skip)",
+    )
+    p.add_argument(
+        "--greedy",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also remove N layers greedily, SLEB-style, per method, first and last layer kept (default 0: off)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of resample's position derangements (default 0)")
     p.add_argument("--out", default="artifacts/ablation.json", metavar="FILE", help="the JSON figures")
     p.add_argument("--threads", type=int, default=RunOptions.threads, help="torch threads")
     p.add_argument("--max-tokens", type=int, metavar="N", help="score only the first N tokens of the text")
+
+    p = add_command(
+        sub,
+        "lens",
+        "fit a tuned lens (one affine translator per layer) for a model and cache it under artifacts/lenses/",
+        "Fit a tuned lens for the model on the eval corpus's fit set: per layer, the closed-form least-squares map "
+        "of its residual stream onto the last layer's, then epochs of KL to the full model. Cached under "
+        "artifacts/lenses/ by the model's digest; every later `simulate` of that model reads each checkpoint "
+        "through it too (tuned CE and KL beside the logit lens).",
+        ["fragsim lens fit (the embedded SmolLM2; ~10 min here)",
+         "fragsim lens fit --model DIR --layers 5,15 --epochs 0"],
+        [(0, "fitted and written"), USAGE_EXIT, CRASH_EXIT],
+    )  # fmt: skip
+    p.add_argument("action", choices=["fit"], help="fit: fit and cache the lens")
+    p.add_argument("--model", help="checkpoint dir (default: the embedded SmolLM2, prepared once)")
+    p.add_argument("--corpus", default="lee", metavar="lee|FILE", help="its fit set is fitted on (default lee)")
+    p.add_argument("--tokens", type=int, default=2048, metavar="N", help="fit-set tokens to fit on (default 2048)")
+    p.add_argument("--epochs", type=int, default=1, metavar="N", help="epochs of KL after the closed form (default 1)")
+    p.add_argument("--layers", metavar="K,K,...", help="fit only these layers (0 = embeddings; default all)")
+    p.add_argument("--artifacts", default="artifacts", metavar="DIR", help="where lenses/ is (default artifacts)")
+    p.add_argument("--threads", type=int, default=RunOptions.threads, help="torch threads")
 
     p = add_command(
         sub,
@@ -791,13 +857,30 @@ def _run(args: argparse.Namespace) -> int:
         from transformers.utils import logging as hf_logging
 
         from coordinator.lab.ablate import ablate, parse_widths
+        from coordinator.lab.ablation_methods import parse_methods
         from coordinator.launch.prepare import prepare_default
 
         hf_logging.disable_progress_bar()
         widths = parse_widths(args.blocks)  # checked before the model is loaded
+        methods = parse_methods(args.ablation)
+        if args.greedy < 0:
+            raise PlanError("--greedy", args.greedy, "a whole number of at least 0 (0: no greedy removal)")
         model = Path(args.model).resolve() if args.model else prepare_default(Path("artifacts"))
         ablate(model, Path(args.out), text=Path(args.text) if args.text else None, widths=widths,
-               threads=args.threads, max_tokens=args.max_tokens)  # fmt: skip
+               methods=methods, greedy=args.greedy, seed=args.seed, threads=args.threads,
+               max_tokens=args.max_tokens)  # fmt: skip
+        return 0
+    if args.command == "lens":
+        from transformers.utils import logging as hf_logging
+
+        from coordinator.lab.lens_fit import fit_command, parse_layers
+        from coordinator.launch.prepare import prepare_default
+
+        hf_logging.disable_progress_bar()
+        layers = parse_layers(args.layers) if args.layers else None  # checked before the model is loaded
+        model = Path(args.model).resolve() if args.model else prepare_default(Path(args.artifacts))
+        fit_command(model, Path(args.artifacts), corpus=args.corpus, tokens=args.tokens, epochs=args.epochs,
+                    layers=layers, threads=args.threads)  # fmt: skip
         return 0
     if args.command == "sweep":
         from transformers.utils import logging as hf_logging

@@ -55,6 +55,12 @@ def check_options(opts: SimulateOptions) -> None:
         raise PlanError("--probe", opts.probe, "some text whose residual stream is measured")
     if opts.eval_text is not None:
         check_eval_text(Path(opts.eval_text))
+    if opts.eval_corpus is not None:
+        from coordinator.corpus.documents import read_corpus
+
+        read_corpus(opts.eval_corpus, opts.eval_documents)
+    elif opts.eval_documents is not None:
+        raise PlanError("--eval-documents", opts.eval_documents, "--eval-corpus too (it cuts the corpus's eval set)")
     if opts.threads < 1:
         raise PlanError("--threads", opts.threads, "at least 1")
     for name in ("stagger", "respawn_delay"):

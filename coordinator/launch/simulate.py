@@ -21,6 +21,7 @@ from coordinator.launch.agents import launch_order
 from coordinator.launch.architectures import check_supported
 from coordinator.launch.driver import CoordinatorGone, Driver, run_faults
 from coordinator.launch.keys import make_run_keys
+from coordinator.launch.lenses import store_lens
 from coordinator.launch.options import PreparedRun, SimulateOptions, check_dtype, check_options
 from coordinator.launch.planner import make_plan
 from coordinator.launch.terminal import LiveView, print_summary, wide_console
@@ -69,6 +70,8 @@ def plan_run(opts: SimulateOptions, source_dir: Path, model_name: str) -> Prepar
         box = Sandbox(run_dir, create=True)
         box.mkdir(layout.LOGS)
         store_eval_text(box, opts)
+        if opts.lens:
+            store_lens(box, Path(opts.artifacts), source_dir)
         extra = {"curve": make_run_keys(box, len(ranges))} if opts.curve else {}
         plan = make_plan(source, ranges, run_id=run_id, model_name=model_name, piece_size=opts.piece_size, extra=extra)
     finally:
@@ -84,6 +87,10 @@ def store_eval_text(box: Sandbox, opts: SimulateOptions) -> None:
     from coordinator.quality import read_eval_text
 
     box.write_text(layout.EVAL_TEXT, read_eval_text(opts.eval_text))
+    if opts.eval_corpus is not None:
+        from coordinator.corpus.documents import read_corpus
+
+        box.write_json(layout.EVAL_CORPUS, read_corpus(opts.eval_corpus, opts.eval_documents).to_json())
 
 
 def execute_run(

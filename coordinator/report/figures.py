@@ -19,6 +19,7 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 from matplotlib.ticker import FuncFormatter, NullFormatter
 
+from coordinator.massive import MASSIVE_RATIO
 from coordinator.report import timeline as T
 
 # Okabe-Ito: distinguishable with the common colour-vision deficiencies and in greyscale print.
@@ -215,6 +216,75 @@ def quality_over_time(series: Sequence[dict[str, Any]], *, annotate: bool = Fals
         ax_top1.set_ylabel("top-1 = full")
         ax_top1.set_ylim(-0.03, 1.05)
         _legend_below(fig, ax, ncols=2)
+    return fig
+
+
+# ---- holes skipped against the contiguous prefix ------------------------------------------
+
+
+def gaps_vs_prefix(
+    prefix: Sequence[dict[str, Any]],
+    gaps: Sequence[dict[str, Any]],
+    served: Sequence[dict[str, Any]],
+    *,
+    kl_before: float | None,
+) -> Figure:
+    """KL to the full model (top) and top-1 agreement (bottom) of the contiguous prefix and of
+    the models with holes skipped: (a) against active layers, (b) against seconds since the
+    first byte as steps. Points are {layers, kl, top1, t}; `served` is what a gaps run has at
+    each arrival (its gap model, else the prefix); without it (no times) panel (b) is left out."""
+    timed = bool(served)
+    fig = new_figure(4.6, "gaps")
+    with styled():
+        axes = fig.subplots(2, 2 if timed else 1, sharex="col", squeeze=False)
+        for row, (key, label) in enumerate((("kl", "KL to full (nats/token)"), ("top1", "top-1 = full"))):
+            ax = axes[row, 0]
+            pts = [p for p in prefix if p.get(key) is not None]
+            # Dotted: between two prefix checkpoints nothing was measured (a forward run measures every one).
+            ax.plot([p["layers"] for p in pts], [p[key] for p in pts], marker="o", ms=4, lw=1, ls=":", color=BLUE,
+                    label="contiguous prefix")  # fmt: skip
+            holes = [p for p in gaps if p.get(key) is not None]
+            ax.plot([p["layers"] for p in holes], [p[key] for p in holes], ls="none", marker="D", ms=6, mfc="none",
+                    mew=1.4, color=VERMILLION, label="every arrived layer, holes skipped")  # fmt: skip
+            ax.set_ylabel(label)
+            if key == "top1":
+                ax.set_ylim(-0.03, 1.05)
+                ax.set_xlabel("active layers")
+            else:
+                ax.set_title("(a) at equal layer count", loc="left")
+            if not timed:
+                continue
+            tx = axes[row, 1]
+            right = max(float(p["t"]) for p in [*prefix, *served]) * 1.06 or 1.0
+            curves = (
+                ({"points": list(prefix), "kl_before": kl_before}, BLUE, "-", "contiguous prefix"),
+                (
+                    {"points": list(served), "kl_before": kl_before},
+                    VERMILLION,
+                    "--",
+                    "gaps run: its gap model, else the prefix",
+                ),
+            )
+            for curve, color, ls, name in curves:
+                xs, ys = _kl_steps(curve, right, key)
+                tx.plot(xs, ys, drawstyle="steps-post", color=color, ls=ls, lw=1.6, label=name)
+            tx.plot([p["t"] for p in pts], [p[key] for p in pts], ls="none", marker="o", ms=4, color=BLUE)
+            timed_holes = [p for p in holes if p.get("t") is not None]
+            tx.plot([p["t"] for p in timed_holes], [p[key] for p in timed_holes], ls="none", marker="D", ms=6,
+                    mfc="none", mew=1.4, color=VERMILLION)  # fmt: skip
+            for p in timed_holes:
+                if key == "kl":
+                    tx.annotate(f"{p['layers']} L", (p["t"], p[key]), xytext=(4, 4), textcoords="offset points",
+                                fontsize=7, color=VERMILLION)  # fmt: skip
+            if key == "kl" and kl_before is not None:
+                tx.axhline(kl_before, color=GREY, ls=":", lw=1, label=f"no model yet (uniform guess): {kl_before:.3f}")
+            tx.set_xlim(0, right)
+            if key == "top1":
+                tx.set_ylim(-0.03, 1.05)
+                tx.set_xlabel("seconds since the first byte streamed")
+            else:
+                tx.set_title("(b) over wall-clock time", loc="left")
+        _legend_below(fig, axes.ravel(), ncols=2)
     return fig
 
 
@@ -422,23 +492,75 @@ def ablation(
 
 
 def residual(rows: Sequence[dict[str, Any]], *, reference: Sequence[float] = (), reference_label: str = "") -> Figure:
-    """Std and max |a| of the residual stream per hidden-state index on the probe (log y)."""
-    fig = new_figure(2.7, "residual")
+    """The residual stream per hidden-state index on the probe, log y. Above: std and max |a|
+    over all positions and without position 0; below: max |a| / median |a| both ways, with
+    Sun et al.'s 1000x line. Layers whose stream holds a massive activation are shaded. Rows
+    from before the massive-activation keys get the upper panel only."""
+    measured = any(r.get("max_over_median") is not None for r in rows)
+    fig = new_figure(4.6 if measured else 2.7, "residual")
     with styled():
-        ax = fig.subplots()
+        axes = fig.subplots(2 if measured else 1, 1, sharex=True, squeeze=False, height_ratios=[3, 2][: 1 + measured])
+        ax = axes[0, 0]
         idx = [r["index"] for r in rows]
-        ax.plot(idx, [r["std"] for r in rows], marker="o", ms=3.5, color=BLUE, label="std (this model)")
+        rest = [r.get("without_first") or {} for r in rows]
+        ax.plot(idx, [r["std"] for r in rows], marker="o", ms=3.5, color=BLUE, label="std, all positions")
         peak = [max(abs(r["min"]), abs(r["max"])) for r in rows]
-        ax.plot(idx, peak, marker=".", ms=3, ls="--", lw=1, color=ORANGE, label="max |a| (this model)")
+        ax.plot(idx, peak, marker=".", ms=3, lw=1.2, color=ORANGE, label="max |a|, all positions")
+        if measured:
+            _series(ax, idx, [w.get("std") for w in rest], marker="o", mfc="none", ms=3.5, ls="--", lw=1, color=BLUE,
+                    label="std without position 0")  # fmt: skip
+            _series(ax, idx, [(w.get("top") or [{}])[0].get("abs") for w in rest], marker=".", ms=3, ls="--", lw=1,
+                    color=ORANGE, label="max |a| without position 0")  # fmt: skip
         if reference:
             ax.plot(
                 range(len(reference)), reference, ls=":", lw=1.4, marker="s", ms=2.5, color=GREY, label=reference_label
             )
         log_axis(ax)
-        ax.set_xlabel("hidden state (0 = embeddings, i = after layer i−1)")
         ax.set_ylabel("residual-stream value")
-        _legend_below(fig, ax, ncols=3)
+        flagged = [r["index"] for r in rows if r.get("massive")]
+        for lo, hi in index_runs(flagged):
+            for a in axes[:, 0]:
+                a.axvspan(lo - 0.5, hi + 0.5, color=VERMILLION, alpha=0.08, lw=0)
+        if measured:
+            bx = axes[1, 0]
+            _series(bx, idx, [r.get("max_over_median") for r in rows], marker="o", ms=3.5, color=VERMILLION,
+                    label="max |a| / median |a|, all positions")  # fmt: skip
+            _series(bx, idx, [w.get("max_over_median") for w in rest], marker="o", mfc="none", ms=3.5, ls="--",
+                    lw=1, color=PURPLE, label="max |a| / median |a|, without position 0")  # fmt: skip
+            bx.axhline(MASSIVE_RATIO, color=GREY, ls=":", lw=1, label=f"massive: > {MASSIVE_RATIO:g} x median, > 100")
+            marks = [(r["index"], r["max_over_median"]) for r in rows if r.get("massive")]
+            marks += [(r["index"], w["max_over_median"]) for r, w in zip(rows, rest, strict=True) if w.get("massive")]
+            if marks:
+                bx.plot(*zip(*marks, strict=True), ls="none", marker="*", ms=9, color=VERMILLION,
+                        label="massive activation (shaded above)")  # fmt: skip
+                first = next(r for r in rows if r.get("massive"))
+                top = first["top"][0]
+                text = f"{top['abs']:,.0f} at position {top['position']}, dim {top['dim']}"
+                ax.annotate(text, (first["index"], top["abs"]), xytext=(6, 4), textcoords="offset points", fontsize=7,
+                            color=VERMILLION)  # fmt: skip
+            log_axis(bx)
+            bx.set_ylabel("max / median |a|")
+        axes[-1, 0].set_xlabel("hidden state (0 = embeddings, i = after layer i−1)")
+        _legend_below(fig, axes[:, 0], ncols=3)
     return fig
+
+
+def _series(ax: Any, xs: Sequence[Any], ys: Sequence[Any], **style: Any) -> None:
+    """A line through the points that have a value (None: not measured there)."""
+    pts = [(x, y) for x, y in zip(xs, ys, strict=True) if y is not None]
+    if pts:
+        ax.plot([x for x, _ in pts], [y for _, y in pts], **style)
+
+
+def index_runs(indices: Sequence[int]) -> list[tuple[int, int]]:
+    """[3, 4, 5, 9] as [(3, 5), (9, 9)]: contiguous runs, to shade each once."""
+    runs: list[tuple[int, int]] = []
+    for i in sorted(indices):
+        if runs and runs[-1][1] == i - 1:
+            runs[-1] = (runs[-1][0], i)
+        else:
+            runs.append((i, i))
+    return runs
 
 
 # ---- census --------------------------------------------------------------------------------
@@ -460,4 +582,87 @@ def census(parts: Sequence[tuple[str, int, int | None]]) -> Figure:
         ax.set_xlabel("parameters (millions)")
         ax.grid(axis="y", visible=False)
         _legend_below(fig, ax)
+    return fig
+
+
+# ---- the eval corpus (--eval-corpus) --------------------------------------------------------
+
+
+FLOOR_STYLE = {  # floor -> (label, colour, line style)
+    "uniform": ("uniform guess", GREY, ":"),
+    "unigram": ("unigram (fit set)", ORANGE, "-."),
+    "embeddings": ("embeddings only (k = 0)", PURPLE, (0, (5, 2, 1, 2))),
+}
+
+
+KL_LINEAR_BELOW = 1e-3  # nats/token: the KL axis is linear below this, logarithmic above
+
+
+def corpus_quality(
+    points: Sequence[dict[str, Any]],
+    floors: dict[str, Any],
+    full: dict[str, Any] | None,
+    *,
+    tuned: Sequence[dict[str, Any]] = (),
+) -> Figure:
+    """Bits per byte and KL to the full model on the eval corpus against active layers, with
+    document-bootstrap 95 % intervals, the KL tail (p99) and the floors as lines. `points`:
+    [{layers, bits_per_byte, bits_per_byte_ci, kl: {mean, ci, p99}}]; `floors`: name -> summary."""
+    fig = new_figure(2.9, "corpus")
+    with styled():
+        axes = fig.subplots(1, 2, sharex=True)
+        bpb, kl = axes
+        xs = [p["layers"] for p in points]
+        ys = [p["bits_per_byte"] for p in points]
+        lo = [y - p["bits_per_byte_ci"][0] for y, p in zip(ys, points, strict=True)]
+        hi = [p["bits_per_byte_ci"][1] - y for y, p in zip(ys, points, strict=True)]
+        bpb.errorbar(
+            xs, ys, yerr=[lo, hi], marker="o", ms=4, lw=1.4, capsize=3, color=BLUE, label="checkpoint (95 % CI)"
+        )
+        with_kl = [p for p in points if p.get("kl")]
+        if with_kl:
+            kx = [p["layers"] for p in with_kl]
+            km = [p["kl"]["mean"] for p in with_kl]
+            klo = [m - p["kl"]["ci"][0] for m, p in zip(km, with_kl, strict=True)]
+            khi = [p["kl"]["ci"][1] - m for m, p in zip(km, with_kl, strict=True)]
+            kl.errorbar(kx, km, yerr=[klo, khi], marker="o", ms=4, lw=1.4, capsize=3, color=BLUE)
+            kl.plot(
+                kx,
+                [p["kl"]["p99"] for p in with_kl],
+                marker="^",
+                ms=4,
+                lw=1,
+                ls="--",
+                color=SKY,
+                label="KL p99",
+            )
+        for name, summary in floors.items():
+            label, colour, style = FLOOR_STYLE.get(name, (name, GREY, ":"))
+            bpb.axhline(
+                summary["bits_per_byte"],
+                color=colour,
+                ls=style,
+                lw=1.1,
+                label=f"{label} {summary['bits_per_byte']:.2f}",
+            )
+            if summary.get("kl"):
+                kl.axhline(summary["kl"]["mean"], color=colour, ls=style, lw=1.1)
+        if full:
+            bpb.axhline(
+                full["bits_per_byte"], color=GREEN, ls="--", lw=1, label=f"full model {full['bits_per_byte']:.3f}"
+            )
+        if tuned:
+            bpb.plot([p["layers"] for p in tuned], [p["bits_per_byte"] for p in tuned], marker="s", ms=4, lw=1.2,
+                     color=VERMILLION, label="tuned lens")  # fmt: skip
+            kl.plot([p["layers"] for p in tuned], [p["kl"]["mean"] for p in tuned], marker="s", ms=4, lw=1.2,
+                    color=VERMILLION)  # fmt: skip
+        bpb.set_ylabel("bits per byte (lm-eval)")
+        kl.set_ylabel("KL(full ‖ checkpoint), nats/token")
+        log_axis(bpb)
+        # symlog: the last checkpoint's KL is exactly 0 (bit-identical to the full model)
+        kl.set_yscale("symlog", linthresh=KL_LINEAR_BELOW)
+        kl.set_ylim(bottom=0)
+        for ax in axes:
+            ax.set_xlabel("active layers")
+        _legend_below(fig, axes, ncols=3)
     return fig

@@ -11,8 +11,9 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
+from coordinator.massive import RULE_TEXT
+from coordinator.report import corpus, gaps, seeds, selfcheck
 from coordinator.report import figures as F
-from coordinator.report import seeds
 from coordinator.report import timeline as T
 from coordinator.report.page import Page
 from coordinator.report.sources import AblationSource, RunSource, SweepSource
@@ -79,6 +80,7 @@ def run_sections(page: Page, src: RunSource, prefix: str = "run") -> None:
             f"logits max |Δ| {final.get('logits_max_abs_diff')}, tokens identical {final.get('tokens_identical')}.",
             good=False,
         )
+    _self_check(page, r, src)
     run, base = r["run"], r["baseline"]
     launcher = src.launcher or {}
     kills = launcher.get("kills") or []
@@ -96,11 +98,23 @@ def run_sections(page: Page, src: RunSource, prefix: str = "run") -> None:
         ]
     )
     _quality_section(page, r, prefix, src.vocab_size)
+    corpus.corpus_section(page, r, prefix)
     _quality_time_section(page, r, prefix)
+    gaps.gaps_section(page, r, prefix)
     _latency_section(page, r, prefix)
     _timeline_section(page, src, prefix)
     _residual_section(page, r, prefix)
     _census_section(page, r, prefix)
+
+
+def _self_check(page: Page, r: dict[str, Any], src: RunSource) -> None:
+    checks = selfcheck.run_checks(r, selfcheck.plan_tensor_digests(src.run_dir))
+    page.table(
+        ["self-check", "measured", "result"],
+        [[c.name, c.measured, c.verdict] for c in checks],
+        caption=f"Self-check, {sum(c.passed for c in checks)} of {len(checks)} pass: whether the figures below "
+        "measure what they claim to.",
+    )
 
 
 def _kill_text(kill: dict[str, Any]) -> str:
@@ -117,6 +131,19 @@ def checkpoint_points(checkpoints: Sequence[dict[str, Any]], layers_key: str = "
     ]
 
 
+def tuned_points(checkpoints: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Checkpoints read through a fitted tuned lens, as quality points; the last (full) one joins
+    them unlensed, where both lenses meet."""
+    out = [
+        {"layers": c["layers"], **{k: c["quality"]["tuned"].get(k) for k in ("ce", "kl", "top1")}}
+        for c in checkpoints
+        if (c.get("quality") or {}).get("tuned", {}).get("fitted")
+    ]
+    if out and checkpoints and "tuned" not in (checkpoints[-1].get("quality") or {}):
+        out += checkpoint_points(checkpoints[-1:])
+    return out
+
+
 def _quality_section(page: Page, r: dict[str, Any], prefix: str, vocab_size: int | None) -> None:
     checkpoints = r["checkpoints"]
     points = checkpoint_points(checkpoints)
@@ -125,8 +152,12 @@ def _quality_section(page: Page, r: dict[str, Any], prefix: str, vocab_size: int
     page.section(f"{prefix}-quality", "Quality against active layers")
     num_layers = int(r["run"]["model"]["num_layers"])
     gaps = checkpoint_points(r.get("gap_checkpoints") or [], "num_layers")
+    series = [{"label": "contiguous prefix (this run)", "points": points}]
+    tuned = tuned_points(checkpoints)
+    if tuned:
+        series.append({"label": "the same prefix through the tuned lens", "points": tuned})
     fig = F.quality_curve(
-        [{"label": "contiguous prefix (this run)", "points": points}],
+        series,
         num_layers=num_layers,
         vocab_size=vocab_size,
         full=r["baseline"].get("quality"),
@@ -141,7 +172,14 @@ def _quality_section(page: Page, r: dict[str, Any], prefix: str, vocab_size: int
         f"KL(full model ‖ checkpoint) in nats per position, and the share of positions whose argmax equals the full "
         f"model's. A truncated model applies the final norm and the head after its last active layer (the logit "
         f"lens). Dotted: ln V, the cross-entropy of a uniform guess and the largest KL a uniform guess can have."
-        + (" Hollow diamonds: every arrived layer with the missing ones skipped (--reassembly gaps)." if gaps else ""),
+        + (" Hollow diamonds: every arrived layer with the missing ones skipped (--reassembly gaps)." if gaps else "")
+        + (
+            " Second line: the same prefixes read through the model's tuned lens (fragsim lens fit), an affine "
+            "translator of the last residual state before the final norm: where it lies far below the logit lens, "
+            "the full model's prediction is already in the prefix, in another basis."
+            if tuned
+            else ""
+        ),
     )
     # Seed 000 is about a 30-layer model: its rows mean something only beside one as deep.
     seed_applies = num_layers == seeds.SEED_000["checkpoints"][-1]["layers"]
@@ -341,13 +379,75 @@ def _residual_section(page: Page, r: dict[str, Any], prefix: str) -> None:
         f"{prefix}-residual",
         F.to_svg(fig),
         f"Std and max |a| of the full model's residual stream over the probe {probe!r} (all positions and "
-        f"dimensions), per hidden state, taken with hooks before the final norm; log scale. "
+        f"dimensions, and without position 0), per hidden state, taken with hooks before the final norm; log scale. "
         + (
-            "Dotted: seed 003's table for SmolLM2-360M-Instruct, a larger model, on the same probe. "
+            "Dotted: seed 003's table for SmolLM2-360M-Instruct, a larger model, on the same probe (over all "
+            "positions; its last entry is after the final norm). "
             if comparable
             else ""
         )
+        + _massive_caption(rows)
         + agree,
+    )
+    _massive_table(page, rows)
+
+
+def _massive_caption(rows: Sequence[dict[str, Any]]) -> str:
+    """What the lower panel shows, in numbers: where the massive activations are and what they do to std."""
+    if not any(row.get("max_over_median") is not None for row in rows):
+        return ""
+    flagged = [row for row in rows if row.get("massive")]
+    text = (
+        "Below: max |a| / median |a| over all positions and without position 0; dotted, Sun et al.'s line ("
+        f"{RULE_TEXT}). "
+    )
+    if not flagged:
+        return text + "No hidden state holds a massive activation. "
+    peak = max(flagged, key=lambda row: row["top"][0]["abs"])
+    top, rest = peak["top"][0], peak.get("without_first") or {}
+    spans = ", ".join(
+        f"{lo}–{hi}" if hi > lo else str(lo) for lo, hi in F.index_runs([row["index"] for row in flagged])
+    )
+    clean = not any((row.get("without_first") or {}).get("massive") for row in rows)
+    return text + (
+        f"Shaded: the hidden states {spans} hold a massive activation; the largest is {top['abs']:,.0f} at position "
+        f"{top['position']}, dim {top['dim']} (hidden state {peak['index']}, {peak['max_over_median']:,.0f} x the "
+        f"median, {100 * (peak.get('top_share_of_squares') or 0):.1f} % of the sum of squares), and std there is "
+        f"{peak['std']:.4g} over all positions but {_fmt(rest.get('std'))} without position 0"
+        + (", where nothing is massive. " if clean else ". ")
+    )
+
+
+def _massive_table(page: Page, rows: Sequence[dict[str, Any]]) -> None:
+    flagged = [row for row in rows if row.get("massive") or (row.get("without_first") or {}).get("massive")]
+    if not flagged:
+        return
+
+    def where(entry: dict[str, Any]) -> str:
+        return f"{entry['abs']:,.1f} ({entry['position']}, {entry['dim']})"
+
+    page.table(
+        ["hidden state", "top 3 |a| (position, dim)", "max / median", "share of squares", "std", "w/o pos 0: std"]
+        + ["w/o pos 0: top |a| (position, dim)", "w/o pos 0: max / median", "w/o pos 0: massive"],
+        [
+            [
+                row["index"],
+                "; ".join(where(e) for e in row["top"]),
+                _fmt(row.get("max_over_median"), ",.0f"),
+                _fmt(row.get("top_share_of_squares"), ".3f"),
+                _fmt(row["std"]),
+                _fmt(rest.get("std")),
+                where(rest["top"][0]) if rest.get("top") else None,
+                _fmt(rest.get("max_over_median"), ",.0f"),
+                _yes_no(rest.get("massive")),
+            ]
+            for row in flagged
+            for rest in [row.get("without_first") or {}]
+        ],
+        caption=f"The hidden states with a massive activation ({RULE_TEXT}) on the probe, the full model: the three "
+        "largest entries, the largest one's multiple of the median |a| and its share of the sum of squares (std² + "
+        "mean² times the entries), and the same stream without position 0.",
+        numeric=(0, 2, 3, 4, 5, 7),
     )
 
 
@@ -364,6 +464,11 @@ def _checkpoint_rows_agree(r: dict[str, Any]) -> str:
     if not compared:
         return ""
     return f"The checkpoints' own rows ({compared} in all) equal these up to their depth: max |Δ std| = {worst:.3g}."
+
+
+def _yes_no(flag: Any) -> str | None:
+    """A flag as a table cell; None (not measured) stays empty."""
+    return None if flag is None else "yes" if flag else "no"
 
 
 def census_parts(census: dict[str, Any], seed_applies: bool) -> list[tuple[str, int, int | None]]:
@@ -682,9 +787,10 @@ def _sweep_seed_000(page: Page, groups: Sequence[dict[str, Any]]) -> None:
 def ablation_title(src: AblationSource) -> tuple[str, str]:
     a = src.ablation
     full = a["full"]
+    methods = a.get("ablation") or [a.get("method", "skip")]
     lede = (
-        f"{a['model']}: {a['num_layers']} layers, each removed in turn (and contiguous blocks of "
-        f"{', '.join(str(w) for w in a.get('block_widths', []) if w > 1) or 'no other width'}), scored on "
+        f"{a['model']}: {a['num_layers']} layers, each ablated in turn by {', '.join(methods)} (and contiguous "
+        f"blocks of {', '.join(str(w) for w in a.get('block_widths', []) if w > 1) or 'no other width'}), scored on "
         f"{a.get('text_tokens')} tokens of {a.get('text')}; full model CE {full['ce']:.4f} nats/token, PPL "
         f"{full['ppl']:.2f}."
     )
@@ -708,7 +814,8 @@ def ablation_sections(page: Page, src: AblationSource, prefix: str = "ablation")
     page.figure(
         f"{prefix}-layers",
         F.to_svg(fig),
-        "Perplexity change on the eval text, in %, when one decoder layer is removed (the rest kept, in order), "
+        f"Perplexity change on the eval text, in %, when one decoder layer is ablated by "
+        f"{a.get('method', 'skip')} (skip: removed, the rest kept in order), "
         "symmetric log scale (linear within ±1 %). "
         + (
             "Shaded: the critical core L8–L11 that seed 001 claims; arrows: its claimed anti-layers L14 and L17, "
@@ -749,9 +856,99 @@ def ablation_sections(page: Page, src: AblationSource, prefix: str = "ablation")
             for i, layer in enumerate(ranking)
             if layer in by_layer
         ],
-        caption="Every layer, most damaging first.",
+        caption=f"Every layer, most damaging first ({a.get('method', 'skip')}).",
         numeric=(0, 2, 3, 4, 5),
     )
+    _ablation_methods_tables(page, a)
+
+
+def _ablation_methods_tables(page: Page, a: dict[str, Any]) -> None:
+    """Seed 001's verdicts per ablation method, ΔCE per layer per method beside the proxies,
+    the greedy removal and the proxies' Spearman rho (JSON from before --ablation: none)."""
+    methods: dict[str, Any] = a.get("methods") or {}
+    if not methods:
+        return
+    verdict = {True: "yes", False: "no"}
+    claims = [c["claim"] for c in (a.get("seed_001") or {}).get("claims") or []]
+    page.table(
+        ["claim (seed 001)", *methods],
+        [
+            [
+                claim,
+                *(
+                    verdict.get(m["seed_001"]["claims"][i].get("holds"), "n/a") if m.get("seed_001") else "n/a"
+                    for m in methods.values()
+                ),
+            ]
+            for i, claim in enumerate(claims)
+        ],
+        caption="Seed 001's verdicts per ablation method: skip deletes the layer, zero-output zeroes its output "
+        "(on a Llama the stream then stays zero, CE = ln V whichever layer), mean and resample replace its residual "
+        "update by the update's mean over the positions or by another position's update.",
+    )
+    proxies = a.get("proxies") or {}
+    bi = proxies.get("block_influence") or []
+    d1 = (proxies.get("angular_distance") or {}).get("1") or []
+    deltas = {name: {r["removed"]: r.get("ce_change") for r in m.get("layers") or []} for name, m in methods.items()}
+    page.table(
+        ["layer", "Block Influence", "d(l, 1)", *(f"ΔCE {name}" for name in methods)],
+        [
+            [
+                f"L{i}",
+                _fmt(bi[i] if i < len(bi) else None, ".4f"),
+                _fmt(d1[i] if i < len(d1) else None, ".4f"),
+                *(_fmt(deltas[name].get(i), "+.4f") for name in methods),
+            ]
+            for i in range(a.get("num_layers") or 0)
+        ],
+        caption="Per layer, in order: the cheap proxies from one pass of the full model (ShortGPT's Block "
+        "Influence, all positions; Gromov et al.'s angular distance to the next layer, last position) beside the "
+        "measured ΔCE (nats/token) of ablating the layer by each method.",
+        numeric=tuple(range(1, 3 + len(methods))),
+    )
+    greedy = a.get("greedy")
+    if greedy:
+        by_method = greedy.get("by_method") or {}
+        page.table(
+            ["step", *by_method],
+            [
+                [
+                    n + 1,
+                    *(
+                        f"−L{rows[n]['removed']}: CE {_fmt(rows[n]['ce'], '.4f')}, PPL {_fmt(rows[n]['ppl'], '.4g')}"
+                        if n < len(rows)
+                        else None
+                        for rows in by_method.values()
+                    ),
+                ]
+                for n in range(greedy.get("steps") or 0)
+            ],
+            caption="Greedy removal, SLEB-style: at each step the layer whose ablation (on top of the earlier ones) "
+            f"leaves the lowest CE goes; layers {', '.join(f'L{i}' for i in greedy.get('protected') or [])} are kept.",
+            numeric=(0,),
+        )
+    rows = proxies.get("spearman") or []
+    if rows:
+        keys = list(dict.fromkeys((r["proxy"], r["width"]) for r in rows))
+        rho = {(r["proxy"], r["width"], r["method"]): r["spearman"] for r in rows}
+        page.table(
+            ["proxy", "against", *methods],
+            [
+                [
+                    "Block Influence" if proxy == "block_influence" else f"angular distance d(l, {width})",
+                    "single layers" if width == 1 else f"blocks of {width}",
+                    *(
+                        (_fmt(rho[proxy, width, name], "+.3f") or "undefined") if (proxy, width, name) in rho else None
+                        for name in methods
+                    ),
+                ]
+                for proxy, width in keys
+            ],
+            caption="Do the cheap proxies predict the damage? Spearman's rank correlation of each proxy with the "
+            "measured ΔCE (+1: the proxy ranks the layers exactly as their ablation hurts; undefined when every "
+            "ablation measured the same, as zero-output does).",
+            numeric=tuple(range(2, 2 + len(methods))),
+        )
 
 
 def _compact(value: Any) -> str:
