@@ -8,6 +8,8 @@ import math
 import re
 import time
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -76,27 +78,43 @@ def residual_stream_stats(model: Any, ids: list[int]) -> list[dict[str, Any]]:
     decoder layer 0 (the embedding output), i the output of decoder layer i-1. Taken with hooks
     on the decoder layers because HF's output_hidden_states applies the final norm to its last
     entry, so row k is what enters the final norm. Each row is `hidden_state_stats`."""
+    return [hidden_state_stats(state, i) for i, state in enumerate(residual_stream(model, ids))]
+
+
+@contextmanager
+def hooked_residuals(model: Any) -> Iterator[list[torch.Tensor]]:
+    """While the block runs, every forward pass appends the residual stream to the yielded list
+    ([1, positions, hidden] each): what enters decoder layer 0, then what leaves each layer. Hooks
+    on the layers, because HF's output_hidden_states applies the final norm to its last entry."""
     layers = getattr(model, model.base_model_prefix).layers
-    rows: list[dict[str, Any]] = []
+    states: list[torch.Tensor] = []
 
     def entering(_module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        rows.append(hidden_state_stats(args[0] if args else kwargs["hidden_states"], 0))
+        states.append(args[0] if args else kwargs["hidden_states"])
 
     def leaving(_module: Any, _args: Any, output: Any) -> None:
         # Some transformers versions return (hidden_states, ...) from a decoder layer.
-        rows.append(hidden_state_stats(output[0] if isinstance(output, tuple) else output, len(rows)))
+        states.append(output[0] if isinstance(output, tuple) else output)
 
     handles = [layers[0].register_forward_pre_hook(entering, with_kwargs=True)]
     handles += [layer.register_forward_hook(leaving) for layer in layers]
     try:
-        # The base model: the stream is all we read, the lm_head would only cost time.
-        getattr(model, model.base_model_prefix)(input_ids=torch.tensor([ids]), use_cache=False)
+        yield states
     finally:
         for handle in handles:
             handle.remove()
-    if len(rows) != len(layers) + 1:
-        raise RuntimeError(f"residual stream: {len(rows)} hooked states, expected {len(layers) + 1}")
-    return rows
+
+
+@torch.inference_mode()
+def residual_stream(model: Any, ids: list[int]) -> list[torch.Tensor]:
+    """The residual stream of one pass over `ids`: num_layers + 1 states (hooked_residuals)."""
+    base = getattr(model, model.base_model_prefix)
+    with hooked_residuals(model) as states:
+        # The base model: the stream is all we read, the lm_head would only cost time.
+        base(input_ids=torch.tensor([ids]), use_cache=False)
+    if len(states) != len(base.layers) + 1:
+        raise RuntimeError(f"residual stream: {len(states)} hooked states, expected {len(base.layers) + 1}")
+    return list(states)
 
 
 TOP_K = 3  # the top |a| entries a row names, as in their layer-wise plots

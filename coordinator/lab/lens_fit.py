@@ -21,7 +21,7 @@ from rich.table import Table
 
 from coordinator.corpus import scoring
 from coordinator.corpus.documents import LEE, read_corpus
-from coordinator.evaluate import set_determinism
+from coordinator.evaluate import hooked_residuals, set_determinism
 from coordinator.launch.lenses import lens_key, lens_path
 from coordinator.lens import TunedLens, final_norm
 from protocol.errors import PlanError
@@ -51,19 +51,9 @@ def residual_states(model: Any, documents: list[list[int]], prefix: int, window:
     """[layers + 1, tokens, hidden] float32: the residual stream before layer 0 (embeddings) and
     after each layer (before the final norm) at the first `budget` scored corpus positions."""
     base = getattr(model, model.base_model_prefix)
-    seen: list[torch.Tensor] = []
-
-    def entering(_m: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        seen.append(args[0] if args else kwargs["hidden_states"])
-
-    def leaving(_m: Any, _args: Any, output: Any) -> None:
-        seen.append(output[0] if isinstance(output, tuple) else output)
-
-    handles = [base.layers[0].register_forward_pre_hook(entering, with_kwargs=True)]
-    handles += [layer.register_forward_hook(leaving) for layer in base.layers]
     rows: list[torch.Tensor] = []
     taken = 0
-    try:
+    with hooked_residuals(model) as seen:
         for doc in documents:
             for w in scoring.rolling_windows(doc, prefix, window):
                 seen.clear()
@@ -73,9 +63,6 @@ def residual_states(model: Any, documents: list[list[int]], prefix: int, window:
                 taken += n
                 if taken >= budget:
                     return torch.cat(rows, dim=1)
-    finally:
-        for handle in handles:
-            handle.remove()
     raise PlanError("--tokens", budget, f"at most {taken} (the fit set's scored tokens)")
 
 

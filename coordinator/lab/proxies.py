@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from coordinator.evaluate import residual_stream
 from coordinator.lab.ablation_methods import decoder_layers
 
 MIN_ANGULAR_WIDTH = 4
@@ -31,27 +32,8 @@ MIN_ANGULAR_WIDTH = 4
 def residual_states(model: Any, ids: list[int]) -> torch.Tensor:
     """The residual stream over `ids`, float64 [num_layers + 1, positions, hidden]: index 0 is
     what enters decoder layer 0 (the embeddings), i what leaves layer i - 1 (no final norm)."""
-    layers = decoder_layers(model)
-    states: list[torch.Tensor] = []
-
-    def entering(_module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        states.append((args[0] if args else kwargs["hidden_states"])[0].double())
-
-    def leaving(_module: Any, _args: Any, output: Any) -> None:
-        # Some transformers versions return (hidden_states, ...) from a decoder layer.
-        states.append((output[0] if isinstance(output, tuple) else output)[0].double())
-
-    handles = [layers[0].register_forward_pre_hook(entering, with_kwargs=True)]
-    handles += [layer.register_forward_hook(leaving) for layer in layers]
-    try:
-        # The base model: the stream is all we read, the lm_head would only cost time.
-        getattr(model, model.base_model_prefix)(input_ids=torch.tensor([ids]), use_cache=False)
-    finally:
-        for handle in handles:
-            handle.remove()
-    if len(states) != len(layers) + 1:
-        raise RuntimeError(f"residual stream: {len(states)} hooked states, expected {len(layers) + 1}")
-    return torch.stack(states)
+    decoder_layers(model)  # refused here, with its message, when the model has no layer list
+    return torch.stack([state[0].double() for state in residual_stream(model, ids)])
 
 
 def _cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
