@@ -392,24 +392,37 @@ def _layer_list(layers: list[int]) -> str:
 
 def quality_section(r: dict[str, Any]) -> list[str]:
     """Each checkpoint on the eval text, the full model last: the logit lens of the prefix."""
-    rows = [
-        [c["checkpoint"], c["layers"], *_quality_cells(c["quality"]), c["quality_s"]]
-        for c in r["checkpoints"]
-        if "quality" in c
-    ]
+    rows = []
+    for c in r["checkpoints"]:
+        if "quality" in c:
+            rows.append([c["checkpoint"], c["layers"], *_quality_cells(c["quality"]), c["quality_s"]])
+            if "tuned" in c["quality"]:
+                rows.append([f"{c['checkpoint']}, tuned lens", c["layers"], *_quality_cells(c["quality"]["tuned"]), ""])
     base = r["baseline"]
     if not rows or "quality" not in base:
         return []
+    floors = [
+        [_floor_name(name, q), 0 if name == "embeddings" else "–", *_quality_cells(q), ""]
+        for name, q in (base.get("quality_floors") or {}).items()
+    ]
     full = [["full model", base["num_layers"], *_quality_cells(base["quality"]), base["quality_s"]]]
     return [
         "## Checkpoint quality on the eval text",
         "",
         "Teacher-forced over the held-out text: cross-entropy (nats/token) and perplexity of the next token; "
-        "KL(full ‖ checkpoint) and top-1 agreement with the full model, both per position.",
+        "KL(full ‖ checkpoint) and top-1 agreement with the full model, both per position. The floors first: "
+        "what a model that knows less than any checkpoint scores.",
         "",
-        table(["ckpt", "layers", "tokens", "CE", "PPL", "KL to full", "top-1 = full", "quality s"], rows + full),
+        table(
+            ["ckpt", "layers", "tokens", "CE", "PPL", "KL to full", "top-1 = full", "quality s"], floors + rows + full
+        ),
         "",
     ]
+
+
+def _floor_name(name: str, q: dict[str, Any]) -> str:
+    fit = q.get("fit")
+    return f"unigram (fit set of {fit['name']})" if name == "unigram" and fit else FLOOR_NAMES.get(name, name)
 
 
 CORPUS_HEADERS = [

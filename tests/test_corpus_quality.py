@@ -229,3 +229,70 @@ def test_a_bad_corpus_is_refused_with_what_was_expected(
     path.write_bytes(content)
     with pytest.raises(PlanError, match=message):
         read_corpus(str(path), documents)
+
+
+# ---- the floors of the short eval text (coordinator.floors) -----------------------------------
+
+TEXT = " ".join(DOCS)
+
+
+@pytest.fixture(scope="module")
+def text_floors(tiny: tuple[Any, Any]) -> dict[str, Any]:
+    from coordinator.corpus.documents import Corpus
+    from coordinator.evaluate import sequence_logits
+    from coordinator.floors import text_floors as floors_of
+
+    model, tokenizer = tiny
+    ids = tokenizer(TEXT)["input_ids"]
+    full = sequence_logits(model, ids)
+    fit = Corpus("two", "a test", (DOCS[0],), tuple(FIT))
+    return {"ids": ids, "full": full, "floors": floors_of(model, tokenizer, ids, full, fit), "fit": fit}
+
+
+def test_the_text_floors_are_the_uniform_the_unigram_and_the_embeddings(text_floors: dict[str, Any]) -> None:
+    assert list(text_floors["floors"]) == ["uniform", "unigram", "embeddings"]
+
+
+def test_the_uniform_text_floor_is_ln_v_and_has_no_top1(tiny: tuple[Any, Any], text_floors: dict[str, Any]) -> None:
+    from coordinator.quality import text_quality, uniform_kl
+
+    vocab = tiny[0].config.vocab_size
+    uniform = text_floors["floors"]["uniform"]
+    assert uniform["ce"] == pytest.approx(math.log(vocab))
+    full = text_quality(text_floors["full"], text_floors["ids"])
+    assert uniform["kl"] == pytest.approx(uniform_kl(full["entropy"], vocab))
+    assert uniform["top1"] is None
+
+
+def test_the_unigram_text_floor_is_fitted_on_the_fit_set_only(
+    tiny: tuple[Any, Any], text_floors: dict[str, Any]
+) -> None:
+    _, tokenizer = tiny
+    ids, vocab = text_floors["ids"], tiny[0].config.vocab_size
+    logu = scoring.unigram_logprobs(scoring.tokenize_corpus(tokenizer, FIT), vocab)
+    by_hand = -float(logu[torch.tensor(ids[1:])].mean())
+    unigram = text_floors["floors"]["unigram"]
+    assert unigram["ce"] == pytest.approx(by_hand, rel=1e-6)
+    assert unigram["fit"]["fit_documents"] == len(FIT) and unigram["fit"]["name"] == "two"
+    assert unigram["top1"] == pytest.approx(
+        float(np.mean(text_floors["full"][:-1].argmax(-1).numpy() == int(logu.argmax())))
+    )
+
+
+def test_the_embeddings_text_floor_is_the_zero_layer_prefix(tiny: tuple[Any, Any], text_floors: dict[str, Any]) -> None:
+    from coordinator.evaluate import sequence_logits
+    from coordinator.quality import text_quality
+
+    zero = _truncated(tiny[0], 0)
+    by_prefix = text_quality(sequence_logits(zero, text_floors["ids"]), text_floors["ids"], text_floors["full"])
+    lens = text_floors["floors"]["embeddings"]
+    for key in ("ce", "kl", "top1"):
+        assert lens[key] == pytest.approx(by_prefix[key], rel=1e-5, abs=1e-7)
+
+
+def test_without_a_fit_set_the_text_has_no_unigram_floor(tiny: tuple[Any, Any], text_floors: dict[str, Any]) -> None:
+    from coordinator.floors import text_floors as floors_of
+
+    model, tokenizer = tiny
+    floors = floors_of(model, tokenizer, text_floors["ids"], text_floors["full"], None)
+    assert list(floors) == ["uniform", "embeddings"]

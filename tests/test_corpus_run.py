@@ -53,6 +53,13 @@ def test_the_floors_are_recorded_with_units_and_the_kl_block(corpus_run: tuple[P
     assert corpus["full"]["kl"]["max"] == 0.0
 
 
+def test_the_eval_text_has_floors_fitted_on_the_runs_own_fit_set(corpus_run: tuple[Path, dict[str, Any]]) -> None:
+    floors = corpus_run[1]["baseline"]["quality_floors"]
+    assert list(floors) == ["uniform", "unigram", "embeddings"]
+    assert floors["uniform"]["ce"] == pytest.approx(math.log(384))
+    assert floors["unigram"]["fit"]["fit_sha256"] == corpus_run[1]["corpus"]["protocol"]["corpus"]["fit_sha256"]
+
+
 def test_every_checkpoint_is_scored_and_paired_with_the_one_before(corpus_run: tuple[Path, dict[str, Any]]) -> None:
     checkpoints = corpus_run[1]["checkpoints"]
     assert [c["layers"] for c in checkpoints] == [2, 6]  # fragment 2 arrives before 1: one growth to 6
@@ -69,6 +76,8 @@ def test_results_md_and_the_report_show_the_corpus(corpus_run: tuple[Path, dict[
     assert "## Checkpoint quality on the eval corpus" in (run_dir / "results.md").read_text()
     html = write_report([run_dir]).path.read_text()
     assert 'id="run-corpus"' in html and "unigram (fit set)" in html
+    assert "Lines: the floors, a uniform guess" in html  # the short text's quality figure has them too
+    assert "| unigram (fit set of docs.txt) | – |" in (run_dir / "results.md").read_text()
 
 
 def test_a_corpus_run_replays_from_its_log(corpus_run: tuple[Path, dict[str, Any]]) -> None:

@@ -40,7 +40,7 @@ def test_linked_run_report_holds_the_quality_over_time_figure(linked_run: tuple[
     page = parse_page(run_dir / "report.html")
     assert "run-quality-time" in page.figures
     text = (run_dir / "report.html").read_text()
-    assert "seconds since the first byte streamed" in text and "KL to the full model (nats/token)" in text
+    assert "seconds since the first byte streamed" in text and "KL to full (nats/token)" in text
 
 
 def test_linked_run_figure_is_labelled_with_its_schedule_and_link(linked_run: tuple[Path, dict[str, Any]]) -> None:

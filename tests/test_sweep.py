@@ -275,7 +275,7 @@ def test_schedule_sweep_report_draws_quality_over_time_per_schedule(
     _, summary, out = schedule_sweep
     text = (out / "report.html").read_text()
     assert 'data-figure="sweep-quality-time"' in text and "Quality over time, per schedule" in text
-    assert "seconds since the first byte streamed" in text and "KL to the full model (nats/token)" in text
+    assert "seconds since the first byte streamed" in text and "KL to full (nats/token)" in text
     for config in summary["configs"]:
         assert f"{config['schedule']}: median KL area {config['progressive']['kl_area']['median']:.3f}" in text
 

@@ -13,10 +13,9 @@ from safetensors.torch import save as save_safetensors_bytes
 
 from coordinator.corpus import scoring, stats
 from coordinator.corpus.documents import Corpus
+from coordinator.floors import FLOORS
 from sandbox import Sandbox
 from sandbox.layout import BASELINE_CORPUS, EVAL_CORPUS
-
-FLOORS = ("uniform", "unigram", "embeddings")  # what a model that knows less than any checkpoint scores
 
 
 def read_run_corpus(box: Sandbox) -> Corpus | None:

@@ -288,6 +288,7 @@ def run_trial(
         kl_area=results.get("kl_area"),
         top1_miss_area=results.get("top1_miss_area"),
         progressive=results.get("progressive"),
+        quality_floors=results["baseline"].get("quality_floors"),
     )
     return record
 
@@ -400,6 +401,8 @@ def summarise(
         "groups": groups,
         "determinism": determinism,
         "configs": configs,
+        # deterministic: every trial's baseline scores the same floors on the same text
+        "quality_floors": next((t["quality_floors"] for t in trials if t.get("quality_floors")), None),
     }
 
 

@@ -11,9 +11,12 @@ from typing import Any
 from safetensors.torch import save as save_safetensors_bytes
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from coordinator.corpus.in_run import record_corpus_baseline
+from coordinator.corpus.documents import LEE, Corpus, read_corpus
+from coordinator.corpus.in_run import read_run_corpus, record_corpus_baseline
 from coordinator.evaluate import generate, prompt_ids, residual_stream_stats, sequence_logits, set_determinism
+from coordinator.floors import text_floors
 from coordinator.quality import eval_ids, eval_limit, text_quality
+from protocol.errors import PlanError
 from protocol.run_settings import DEFAULT_PROBE
 from sandbox import Sandbox
 from sandbox.layout import BASELINE_DIR, BASELINE_JSON, BASELINE_LOGITS, EVAL_TEXT
@@ -55,6 +58,7 @@ def record_baseline(
     quality = text_quality(eval_logits, scored)
     hidden_states = residual_stream_stats(model, prompt_ids(tokenizer, probe)[0].tolist())
     quality_s = time.perf_counter() - started
+    floors = text_floors(model, tokenizer, scored, eval_logits, _unigram_fit(box))
     logits = {
         "prompt": sequence_logits(model, ids).contiguous(),
         "sequence": sequence_logits(model, ids + gen.tokens).contiguous(),
@@ -72,6 +76,7 @@ def record_baseline(
         "num_layers": model.config.num_hidden_layers,
         "quality": quality,
         "quality_s": round(quality_s, 6),
+        "quality_floors": floors,
         "hidden_states": hidden_states,
     }
     corpus = record_corpus_baseline(box, model, tokenizer)
@@ -79,3 +84,15 @@ def record_baseline(
         record["corpus"] = corpus
     box.write_json(BASELINE_JSON, record)
     return record
+
+
+def _unigram_fit(box: Sandbox) -> Corpus | None:
+    """The corpus whose fit set the eval text's unigram floor is fitted on: the run's own
+    (--eval-corpus), else the Lee corpus when it is installed, else none (no unigram floor)."""
+    corpus = read_run_corpus(box)
+    if corpus is not None:
+        return corpus
+    try:
+        return read_corpus(LEE)
+    except PlanError:
+        return None

@@ -78,12 +78,48 @@ def log_axis(ax: Any, axis: str = "y") -> None:
     target.set_minor_formatter(plain if low > 0 and high / low < 20 else NullFormatter())
 
 
+KL_LINEAR_BELOW = 1e-3  # nats/token: a KL axis is linear below this, logarithmic above
+
+
+def symlog_axis(ax: Any) -> None:
+    """A KL axis: logarithmic above KL_LINEAR_BELOW, linear down to the exact 0 of a checkpoint
+    that equals the full model, labelled as log_axis labels."""
+    ax.set_yscale("symlog", linthresh=KL_LINEAR_BELOW)
+    ax.set_ylim(bottom=0)
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.3g}"))
+
+
 def styled() -> Any:
     """rcParams are read when artists are made: every figure is drawn inside this."""
     return matplotlib.rc_context(STYLE)
 
 
 # ---- quality against active layers ---------------------------------------------------------
+
+
+FLOOR_STYLE = {  # floor -> (label, colour, line style)
+    "uniform": ("uniform guess", GREY, ":"),
+    "unigram": ("unigram (fit set)", ORANGE, "-."),
+    "embeddings": ("embeddings only (k = 0)", PURPLE, (0, (5, 2, 1, 2))),
+}
+
+
+def floor_lines(ax: Any, floors: dict[str, dict[str, Any]], key: str, *, labelled: bool, linear: bool = False) -> None:
+    """The floors' `key` (ce, kl, top1) as horizontal lines, labelled with their values on one
+    panel of a figure (its legend collects them once). `linear`: on a linear axis a floor far
+    above the data (the embeddings alone, ~100 nats) would flatten it: it is named in the legend
+    as above the axis instead of drawn."""
+    top = ax.get_ylim()[1]
+    for name, q in floors.items():
+        value = q.get(key)
+        if value is None:
+            continue
+        label, colour, style = FLOOR_STYLE.get(name, (name, GREY, ":"))
+        text = f"{label} {value:.3f}" if labelled else None
+        if linear and value > 2 * top:
+            ax.plot([], [], color=colour, ls=style, lw=1.1, label=text and f"{text} (above the axis)")
+            continue
+        ax.axhline(value, color=colour, ls=style, lw=1.1, label=text)
 
 
 def quality_curve(
@@ -93,15 +129,19 @@ def quality_curve(
     vocab_size: int | None,
     full: dict[str, float] | None,
     gaps: Sequence[dict[str, Any]] = (),
+    floors: dict[str, dict[str, Any]] | None = None,
 ) -> Figure:
     """CE, KL and top-1 on the eval text against active layers. `series`: {label, points:
-    [{layers, ce, kl, top1}]}; `gaps`: the same for models with holes (drawn hollow)."""
+    [{layers, ce, kl, top1}]}; `gaps`: the same for models with holes (drawn hollow); `floors`:
+    name -> quality of the floors (drawn as lines; without them, ln V alone)."""
     fig = new_figure(2.7, "quality")
     with styled():
         axes = fig.subplots(1, 3, sharex=True)
         panels = (
-            ("ce", "cross-entropy (nats/token)", "linear"),
-            ("kl", "KL to the full model (nats/token)", "linear"),
+            # log: the floors (the embeddings alone score ~100 nats on SmolLM2) and the full model
+            # (~3) on one axis; symlog, because the final checkpoint's KL is exactly 0
+            ("ce", "cross-entropy (nats/token)", "log"),
+            ("kl", "KL to full (nats/token)", "symlog"),
             ("top1", "top-1 = full model (share)", "linear"),
         )
         for ax, (key, label, scale) in zip(axes, panels, strict=True):
@@ -128,16 +168,19 @@ def quality_curve(
                     color=VERMILLION,
                     label="with holes (gaps)",
                 )
-            if key == "ce" and vocab_size:
-                ax.axhline(math.log(vocab_size), color=GREY, ls=":", lw=1, label=f"uniform guess, ln {vocab_size:,}")
+            if floors:
+                floor_lines(ax, floors, key, labelled=key == "ce")
+            elif key in ("ce", "kl") and vocab_size:
+                uniform = f"uniform guess, ln {vocab_size:,}" if key == "ce" else None
+                ax.axhline(math.log(vocab_size), color=GREY, ls=":", lw=1, label=uniform)
             if key == "ce" and full and full.get("ce") is not None:
                 ax.axhline(full["ce"], color=GREEN, ls="--", lw=1, label=f"full model {full['ce']:.3f}")
-            if key == "kl" and vocab_size:
-                ax.axhline(math.log(vocab_size), color=GREY, ls=":", lw=1)
             if key == "top1":
                 ax.set_ylim(-0.03, 1.03)
             if scale == "log":
                 log_axis(ax)
+            elif scale == "symlog":
+                symlog_axis(ax)
             ax.set_xlabel("active layers")
             ax.set_ylabel(label)
             ax.set_xlim(0, num_layers + 0.5)
@@ -173,13 +216,16 @@ def _kl_steps(curve: dict[str, Any], right: float, key: str = "kl") -> tuple[lis
     return xs, ys
 
 
-def quality_over_time(series: Sequence[dict[str, Any]], *, annotate: bool = False) -> Figure:
+def quality_over_time(
+    series: Sequence[dict[str, Any]], *, annotate: bool = False, floors: dict[str, dict[str, Any]] | None = None
+) -> Figure:
     """KL to the full model (nats/token) against seconds since the first byte, as steps: a
     uniform guess (`kl_before`) until the first checkpoint, then each checkpoint's KL until the
     next. `series`: {label, curves: [{points: [{t, kl, layers}], kl_before, main}]}; a main
     curve is drawn thick with its checkpoints marked (and, with `annotate`, their active layers)
     and, when there is one series, its area shaded (the area is its kl_area; several overlapping
-    shades would hide each other), the others thin. Linear y: the area under a line reads."""
+    shades would hide each other), the others thin. Linear y: the area under a line reads.
+    `floors` (name -> quality): lines on both panels; the uniform guess is kl_before already."""
     fig = new_figure(4.6, "quality-time")
     with styled():
         ax, ax_top1 = fig.subplots(2, 1, sharex=True, height_ratios=[3, 2])
@@ -208,6 +254,9 @@ def quality_over_time(series: Sequence[dict[str, Any]], *, annotate: bool = Fals
         if len(before) == 1:
             level = before.pop()
             ax.axhline(level, color=GREY, ls=":", lw=1, label=f"no model yet (uniform guess): {level:.3f} nats/token")
+        others = {k: v for k, v in (floors or {}).items() if k != "uniform"}
+        floor_lines(ax, others, "kl", labelled=True, linear=True)
+        floor_lines(ax_top1, others, "top1", labelled=False)
         ax.set_xlim(0, right)
         top = ax.get_ylim()[1] * (1.08 if annotate else 1.0)  # room for the labels of the highest markers
         ax.set_ylim(-0.03 * top, top)  # the final checkpoint's KL 0 shows above the axis
@@ -228,11 +277,14 @@ def gaps_vs_prefix(
     served: Sequence[dict[str, Any]],
     *,
     kl_before: float | None,
+    floors: dict[str, dict[str, Any]] | None = None,
 ) -> Figure:
     """KL to the full model (top) and top-1 agreement (bottom) of the contiguous prefix and of
     the models with holes skipped: (a) against active layers, (b) against seconds since the
     first byte as steps. Points are {layers, kl, top1, t}; `served` is what a gaps run has at
-    each arrival (its gap model, else the prefix); without it (no times) panel (b) is left out."""
+    each arrival (its gap model, else the prefix); without it (no times) panel (b) is left out.
+    `floors` (name -> quality), but the uniform guess (kl_before), are lines on every panel."""
+    others = {k: v for k, v in (floors or {}).items() if k != "uniform"}
     timed = bool(served)
     fig = new_figure(4.6, "gaps")
     with styled():
@@ -246,6 +298,7 @@ def gaps_vs_prefix(
             holes = [p for p in gaps if p.get(key) is not None]
             ax.plot([p["layers"] for p in holes], [p[key] for p in holes], ls="none", marker="D", ms=6, mfc="none",
                     mew=1.4, color=VERMILLION, label="every arrived layer, holes skipped")  # fmt: skip
+            floor_lines(ax, others, key, labelled=key == "kl", linear=True)
             ax.set_ylabel(label)
             if key == "top1":
                 ax.set_ylim(-0.03, 1.05)
@@ -278,6 +331,7 @@ def gaps_vs_prefix(
                                 fontsize=7, color=VERMILLION)  # fmt: skip
             if key == "kl" and kl_before is not None:
                 tx.axhline(kl_before, color=GREY, ls=":", lw=1, label=f"no model yet (uniform guess): {kl_before:.3f}")
+            floor_lines(tx, others, key, labelled=False, linear=True)
             tx.set_xlim(0, right)
             if key == "top1":
                 tx.set_ylim(-0.03, 1.05)
@@ -588,16 +642,6 @@ def census(parts: Sequence[tuple[str, int, int | None]]) -> Figure:
 # ---- the eval corpus (--eval-corpus) --------------------------------------------------------
 
 
-FLOOR_STYLE = {  # floor -> (label, colour, line style)
-    "uniform": ("uniform guess", GREY, ":"),
-    "unigram": ("unigram (fit set)", ORANGE, "-."),
-    "embeddings": ("embeddings only (k = 0)", PURPLE, (0, (5, 2, 1, 2))),
-}
-
-
-KL_LINEAR_BELOW = 1e-3  # nats/token: the KL axis is linear below this, logarithmic above
-
-
 def corpus_quality(
     points: Sequence[dict[str, Any]],
     floors: dict[str, Any],
@@ -659,9 +703,7 @@ def corpus_quality(
         bpb.set_ylabel("bits per byte (lm-eval)")
         kl.set_ylabel("KL(full ‖ checkpoint), nats/token")
         log_axis(bpb)
-        # symlog: the last checkpoint's KL is exactly 0 (bit-identical to the full model)
-        kl.set_yscale("symlog", linthresh=KL_LINEAR_BELOW)
-        kl.set_ylim(bottom=0)
+        symlog_axis(kl)
         for ax in axes:
             ax.set_xlabel("active layers")
         _legend_below(fig, axes, ncols=3)

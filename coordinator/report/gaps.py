@@ -66,7 +66,11 @@ def gaps_section(page: Page, r: dict[str, Any], prefix: str) -> None:
     page.section(f"{prefix}-gaps", "Holes skipped against the contiguous prefix")
     timed = all(isinstance(p["t"], (int, float)) for p in series["prefix"] + series["served"])
     fig = F.gaps_vs_prefix(
-        series["prefix"], series["gaps"], series["served"] if timed else [], kl_before=series["kl_before"]
+        series["prefix"],
+        series["gaps"],
+        series["served"] if timed else [],
+        kl_before=series["kl_before"],
+        floors=r["baseline"].get("quality_floors"),
     )
     areas = {k: (_area(series[k], series["kl_before"], "kl"), _area(series[k], 1.0, "top1")) for k in SERIES}
     area_text = ""

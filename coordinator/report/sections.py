@@ -162,6 +162,7 @@ def _quality_section(page: Page, r: dict[str, Any], prefix: str, vocab_size: int
         vocab_size=vocab_size,
         full=r["baseline"].get("quality"),
         gaps=gaps,
+        floors=r["baseline"].get("quality_floors"),
     )
     tokens = r["baseline"].get("quality", {}).get("tokens")
     page.figure(
@@ -171,7 +172,12 @@ def _quality_section(page: Page, r: dict[str, Any], prefix: str, vocab_size: int
         f"held-out eval text ({tokens} positions): next-token cross-entropy in nats/token, "
         f"KL(full model ‖ checkpoint) in nats per position, and the share of positions whose argmax equals the full "
         f"model's. A truncated model applies the final norm and the head after its last active layer (the logit "
-        f"lens). Dotted: ln V, the cross-entropy of a uniform guess and the largest KL a uniform guess can have."
+        f"lens). "
+        + (
+            f"Lines: the floors, {floor_caption(r['baseline']['quality_floors'])}."
+            if r["baseline"].get("quality_floors")
+            else "Dotted: ln V, the cross-entropy of a uniform guess and the largest KL a uniform guess can have."
+        )
         + (" Hollow diamonds: every arrived layer with the missing ones skipped (--reassembly gaps)." if gaps else "")
         + (
             " Second line: the same prefixes read through the model's tuned lens (fragsim lens fit), an affine "
@@ -267,6 +273,18 @@ KL_OVER_TIME = (
 )
 
 
+def floor_caption(floors: dict[str, Any]) -> str:
+    """What each floor of the eval text is, for a figure's caption."""
+    parts = {
+        "uniform": "a uniform guess over the vocabulary (CE ln V, the largest KL any guess can have)",
+        "unigram": "a unigram model (add-one smoothed token frequencies"
+        + (f" of the fit set of {floors['unigram']['fit']['name']}" if "fit" in floors.get("unigram", {}) else "")
+        + ")",
+        "embeddings": "the embeddings alone, k = 0 (the final norm and lm_head applied to the token embeddings)",
+    }
+    return "; ".join(parts[name] for name in floors if name in parts)
+
+
 def _quality_time_section(page: Page, r: dict[str, Any], prefix: str) -> None:
     progressive = r.get("progressive") or {}
     curve = time_curve(r["checkpoints"], progressive.get("kl_no_model"))
@@ -278,7 +296,8 @@ def _quality_time_section(page: Page, r: dict[str, Any], prefix: str) -> None:
     )
     area = r.get("kl_area")
     area_text = f"{area:.3f} nats·s" if isinstance(area, (int, float)) else "unknown"
-    fig = F.quality_over_time([{"label": label, "curves": [{**curve, "main": True}]}], annotate=True)
+    floors = r["baseline"].get("quality_floors")
+    fig = F.quality_over_time([{"label": label, "curves": [{**curve, "main": True}]}], annotate=True, floors=floors)
     page.figure(
         f"{prefix}-quality-time",
         F.to_svg(fig),
@@ -602,10 +621,23 @@ def sweep_sections(page: Page, src: SweepSource, prefix: str = "sweep") -> None:
         page.section(f"{prefix}-quality", "Quality against active layers, every split")
         page.figure(
             f"{prefix}-quality",
-            F.to_svg(F.quality_curve(quality_series, num_layers=num_layers, vocab_size=src.vocab_size, full=None)),
+            F.to_svg(
+                F.quality_curve(
+                    quality_series,
+                    num_layers=num_layers,
+                    vocab_size=src.vocab_size,
+                    full=None,
+                    floors=s.get("quality_floors"),
+                )
+            ),
             "Every checkpoint of every split, on the held-out eval text: cross-entropy (nats/token), "
             "KL(full ‖ checkpoint) (nats per position) and top-1 agreement with the full model. These are "
-            "deterministic, so one value stands for all trials. Dotted: ln V (a uniform guess).",
+            "deterministic, so one value stands for all trials. "
+            + (
+                f"Lines: the floors, {floor_caption(s['quality_floors'])}."
+                if s.get("quality_floors")
+                else "Dotted: ln V (a uniform guess)."
+            ),
         )
     page.section(f"{prefix}-latency", "Generation latency with error bars")
     page.figure(
@@ -719,7 +751,7 @@ def _sweep_quality_time(page: Page, s: dict[str, Any], prefix: str) -> None:
     link = link_label(None, s.get("link_mb_s"), s.get("bandwidth"))
     page.figure(
         f"{prefix}-quality-time",
-        F.to_svg(F.quality_over_time(series)),
+        F.to_svg(F.quality_over_time(series, floors=s.get("quality_floors"))),
         f"{KL_OVER_TIME} One colour per configuration"
         + (" (schedule)" if s.get("schedules") else "")
         + f", {s['trials']} trial(s) each, {link}: every trial thin, the trial with the median KL area (the lower "
