@@ -467,7 +467,8 @@ def _corpus_cells(s: dict[str, Any]) -> list[Any]:
     return [
         f"{s['bits_per_byte']:.4f} [{lo:.4f}, {hi:.4f}]",
         _num(s["word_perplexity"], ".4g"),
-        _num(s["byte_perplexity"], ".4f"),
+        # the embeddings floor's byte perplexity is ~1e10: 4 decimals of it are noise
+        _num(s["byte_perplexity"], ".4f" if (s["byte_perplexity"] or 0) < 1e4 else ".4g"),
         f"{kl['mean']:.4f} ± {kl['se']:.4f}" if kl else None,
         _num(kl["median"], ".4f") if kl else None,
         _num(kl["p99"], ".4f") if kl else None,

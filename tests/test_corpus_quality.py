@@ -296,3 +296,11 @@ def test_without_a_fit_set_the_text_has_no_unigram_floor(tiny: tuple[Any, Any], 
     model, tokenizer = tiny
     floors = floors_of(model, tokenizer, text_floors["ids"], text_floors["full"], None)
     assert list(floors) == ["uniform", "embeddings"]
+
+
+def test_the_baseline_reports_its_progress_after_every_document(tiny: tuple[Any, Any]) -> None:
+    model, tokenizer = tiny
+    docs = scoring.tokenize_corpus(tokenizer, DOCS)
+    done: list[int] = []
+    scoring.reference_and_floors(model, docs, docs, scoring.prefix_token(tokenizer), WINDOW, done.append)
+    assert done == list(range(1, len(DOCS) + 1))

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from typing import Any
 
 from safetensors.torch import load_file as load_safetensors_file
@@ -30,9 +31,12 @@ def _public(summary: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in summary.items() if k != "per_document"}
 
 
-def record_corpus_baseline(box: Sandbox, model: Any, tokenizer: Any) -> dict[str, Any] | None:
+def record_corpus_baseline(
+    box: Sandbox, model: Any, tokenizer: Any, report: Callable[[str], None] | None = None
+) -> dict[str, Any] | None:
     """Score the full model and the floors on the run's corpus and keep the reference in
-    baseline/corpus.safetensors: {protocol, head_sha256, full, floors, seconds}."""
+    baseline/corpus.safetensors: {protocol, head_sha256, full, floors, seconds}. `report`
+    is told the progress in words (minutes for the whole Lee eval set on 2 cores)."""
     corpus = read_run_corpus(box)
     if corpus is None:
         return None
@@ -40,7 +44,14 @@ def record_corpus_baseline(box: Sandbox, model: Any, tokenizer: Any) -> dict[str
     prefix, size = scoring.prefix_token(tokenizer), scoring.window_size(model.config)
     docs = scoring.tokenize_corpus(tokenizer, corpus.eval_docs)
     fit = scoring.tokenize_corpus(tokenizer, corpus.fit_docs)
-    ref, floors, full = scoring.reference_and_floors(model, docs, fit, prefix, size)
+    tokens = sum(len(d) for d in docs)
+
+    def on_document(done: int) -> None:
+        if report is not None:
+            seconds = time.perf_counter() - started
+            report(f"baseline: the eval corpus, document {done}/{len(docs)} of {tokens:,} tokens ({seconds:.0f} s)")
+
+    ref, floors, full = scoring.reference_and_floors(model, docs, fit, prefix, size, on_document)
     box.write_bytes(BASELINE_CORPUS, save_safetensors_bytes(ref.tensors()))
     documents = stats.documents_for(corpus.eval_docs, docs)
     return {

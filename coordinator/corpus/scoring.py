@@ -25,7 +25,7 @@ import gc
 import hashlib
 import math
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -242,11 +242,16 @@ def unigram_logprobs(fit: list[list[int]], vocab: int) -> torch.Tensor:
 
 @torch.inference_mode()
 def reference_and_floors(
-    model: Any, documents: list[list[int]], fit: list[list[int]], prefix: int, size: int
+    model: Any,
+    documents: list[list[int]],
+    fit: list[list[int]],
+    prefix: int,
+    size: int,
+    on_document: Callable[[int], None] | None = None,
 ) -> tuple[Reference, dict[str, TokenScores], TokenScores]:
     """One pass of the full model: its reference, the floors scored against it (uniform, the
     unigram fitted on `fit`, the embeddings-only lens k = 0: the final norm and lm_head applied
-    to the embeddings) and the full model's own scores."""
+    to the embeddings) and the full model's own scores. `on_document(done)` after each document."""
     return_large_blocks()
     head = lm_head_of(model)
     base = getattr(model, model.base_model_prefix)
@@ -262,7 +267,7 @@ def reference_and_floors(
         for key in ("logp", "entropy", "top1", "pz", "m", "n", "u_logq", "u_cross", "e_logq", "e_arg", "e_cross")
     }
     try:
-        for doc in documents:
+        for done, doc in enumerate(documents, 1):
             for logits, hidden, targets in forward_windows(model, rolling_windows(doc, prefix, size)):
                 n = len(targets)
                 lens = head(base.norm(entering[-1][0, -n:])).float()  # k = 0: no decoder layer at all
@@ -294,6 +299,8 @@ def reference_and_floors(
                     parts["e_logq"].append(lens_logq.gather(-1, t)[:, 0].numpy())
                     parts["e_arg"].append(lens_logq.argmax(-1).numpy())
                     parts["e_cross"].append((p * lens_logq).sum(-1).numpy())
+            if on_document is not None:
+                on_document(done)
     finally:
         hook.remove()
     cat: dict[str, np.ndarray] = {key: np.concatenate(value) for key, value in parts.items()}

@@ -5,6 +5,7 @@ never in the coordinator."""
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -33,8 +34,17 @@ class SourceModel:
         self.tokenizer = AutoTokenizer.from_pretrained(source_dir, local_files_only=True)
         self.load_s = time.perf_counter() - started
 
-    def record(self, box: Sandbox, prompt: str, max_new_tokens: int, probe: str = DEFAULT_PROBE) -> dict[str, Any]:
-        return record_baseline(box, self.model, self.tokenizer, prompt, max_new_tokens, self.load_s, probe=probe)
+    def record(
+        self,
+        box: Sandbox,
+        prompt: str,
+        max_new_tokens: int,
+        probe: str = DEFAULT_PROBE,
+        report: Callable[[str], None] | None = None,
+    ) -> dict[str, Any]:
+        return record_baseline(
+            box, self.model, self.tokenizer, prompt, max_new_tokens, self.load_s, probe=probe, report=report
+        )
 
 
 def record_baseline(
@@ -46,9 +56,10 @@ def record_baseline(
     load_s: float = 0.0,
     *,
     probe: str = DEFAULT_PROBE,
+    report: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Generate, then score the run's copy of the eval text and the probe's residual stream:
-    every checkpoint is compared with what this records."""
+    every checkpoint is compared with what this records. `report`: progress in words."""
     generate(model, tokenizer, prompt, 2)  # warm-up: first calls pay one-off kernel setup
     gen = generate(model, tokenizer, prompt, max_new_tokens)
     ids = prompt_ids(tokenizer, prompt)[0].tolist()
@@ -79,7 +90,7 @@ def record_baseline(
         "quality_floors": floors,
         "hidden_states": hidden_states,
     }
-    corpus = record_corpus_baseline(box, model, tokenizer)
+    corpus = record_corpus_baseline(box, model, tokenizer, report)
     if corpus is not None:
         record["corpus"] = corpus
     box.write_json(BASELINE_JSON, record)

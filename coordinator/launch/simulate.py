@@ -118,9 +118,9 @@ def execute_run(
             store_eval_text(run.box, opts)
         # The run stopped before its launcher recorded the baseline. Record it before the
         # coordinator starts: a restarted coordinator evaluates restored fragments at once.
-        with console.status("baseline: the run has none yet; recording it first"):
+        with console.status("baseline: the run has none yet; recording it first") as status:
             base = SourceModel(run.source_dir, opts.threads).record(
-                run.box, opts.prompt, opts.max_new_tokens, opts.probe
+                run.box, opts.prompt, opts.max_new_tokens, opts.probe, status.update
             )
         console.print(f"baseline ({run.plan.num_layers} layers): {escape(repr(base['text']))} ({base['seconds']:.2f}s)")
     try:
@@ -134,8 +134,8 @@ def execute_run(
                 source_model = SourceModel(run.source_dir, opts.threads)
                 driver.await_ready()
                 driver.await_warm()
-            with console.status("baseline: evaluating the full source model"):
-                base = source_model.record(run.box, opts.prompt, opts.max_new_tokens, opts.probe)
+            with console.status("baseline: evaluating the full source model") as status:
+                base = source_model.record(run.box, opts.prompt, opts.max_new_tokens, opts.probe, status.update)
             del source_model
             console.print(
                 f"baseline ({run.plan.num_layers} layers): {escape(repr(base['text']))} ({base['seconds']:.2f}s)"

@@ -701,7 +701,7 @@ def corpus_quality(
             kl.plot([p["layers"] for p in tuned], [p["kl"]["mean"] for p in tuned], marker="s", ms=4, lw=1.2,
                     color=VERMILLION)  # fmt: skip
         bpb.set_ylabel("bits per byte (lm-eval)")
-        kl.set_ylabel("KL(full ‖ checkpoint), nats/token")
+        kl.set_ylabel("KL to full (nats/token)")
         log_axis(bpb)
         symlog_axis(kl)
         for ax in axes:
