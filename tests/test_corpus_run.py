@@ -33,7 +33,16 @@ def corpus_run(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> tu
     corpus.write_text("\n".join(DOCUMENTS) + "\n")
     result = simulate(tiny_model, root / "run", fragments=3, order="0,2,1", max_new_tokens=4, eval_corpus=str(corpus))
     assert result.code == 0, result.output
+    OUTPUT.append(result.output)
     return result.run_dir, result.results
+
+
+OUTPUT: list[str] = []  # the corpus run's terminal output
+
+
+def test_a_corpus_run_without_a_lens_says_how_to_fit_one(corpus_run: tuple[Path, dict[str, Any]]) -> None:
+    assert "no tuned lens for" in OUTPUT[0] and "fragsim lens fit --model" in OUTPUT[0]
+    assert all("tuned" not in c["corpus"] for c in corpus_run[1]["checkpoints"])
 
 
 def test_the_results_name_the_protocol_and_hash_both_sets(corpus_run: tuple[Path, dict[str, Any]]) -> None:

@@ -123,6 +123,13 @@ def execute_run(
                 run.box, opts.prompt, opts.max_new_tokens, opts.probe, status.update
             )
         console.print(f"baseline ({run.plan.num_layers} layers): {escape(repr(base['text']))} ({base['seconds']:.2f}s)")
+    if with_baseline and opts.eval_corpus and opts.lens and not run.box.exists(layout.BASELINE_LENS):
+        # Without a lens the corpus table has no tuned rows: say how to get them, once, up front.
+        console.print(
+            f"no tuned lens for {run.source_dir.name} yet: `fragsim lens fit --model {run.source_dir}` (make lens; "
+            "~2 min on 2 cores) fits one, and later runs read every checkpoint through it too; this run has the "
+            "logit lens only"
+        )
     try:
         driver.start_coordinator()
         if with_baseline:
