@@ -80,6 +80,17 @@ def test_a_bundle_for_another_fragment_is_refused_before_connecting(
     assert "is for fragment 0" in done.stderr
 
 
+@pytest.mark.parametrize("rate", ["0", "-5"])
+def test_an_agent_uplink_of_zero_or_less_is_refused_not_unlimited(
+    tiny_model: Path, tmp_path: Path, agent_host: Path, rate: str
+) -> None:
+    [b0, _] = _copy_bundles(plan(tiny_model, tmp_path / "run", "tcp://127.0.0.1:0"), agent_host)
+    done = fragsim("agent", "--bundle", str(b0), "--source", str(agent_host / "models" / "tiny"),
+                   "--connect", "tcp://127.0.0.1:9", "--retry-for", "1", "--bandwidth", rate, timeout=60)  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert "--bandwidth" in done.stderr and "MB/s > 0" in done.stderr
+
+
 def test_a_bundle_whose_key_the_plan_does_not_admit_is_refused(
     tiny_model: Path, tmp_path: Path, agent_host: Path
 ) -> None:

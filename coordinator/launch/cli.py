@@ -935,6 +935,8 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "agent":
         from agents.agent import main_agent, main_bundle_agent
 
+        if args.bandwidth is not None and not args.bandwidth > 0:  # 0 read as "unlimited" would hide a typo
+            raise PlanError("--bandwidth", args.bandwidth, "an uplink in MB/s > 0 (leave it out for unlimited)")
         if args.bundle:
             from agents.launcher_env import stop_on_sigterm
 
@@ -942,7 +944,7 @@ def _run(args: argparse.Namespace) -> int:
                 return main_bundle_agent(args.bundle, args.source, args.connect, fragment=args.fragment,
                                          retry_for_s=args.retry_for, log_dir=args.log_dir, environ=os.environ,
                                          stop=stop, ready_file=args.ready_file,
-                                         uplink_bytes_s=args.bandwidth * 1e6 if args.bandwidth else None)  # fmt: skip
+                                         uplink_bytes_s=args.bandwidth * 1e6 if args.bandwidth is not None else None)  # fmt: skip
         if args.fragment is None:
             raise PlanError("--fragment", None, "the fragment index (required with --run-dir)")
         return main_agent(args.run_dir, args.fragment, args.connect)
