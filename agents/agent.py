@@ -398,6 +398,11 @@ class Agent:
                 continue
             if msg.kind == "WELCOME":
                 return msg
+            if msg.kind == "COMMITTED" and msg.header["fragment"] == self.fragment.index:
+                self.log.info(E.AGENT_COMMITTED, sent_bytes=0, sent_pieces=0, seconds=0.0, already=True)
+                sock.send_multipart(encode("BYE", {}))
+                self.say(f"already committed: the coordinator holds fragment {self.fragment.index} verified")
+                return AgentExit.COMMITTED
             if msg.kind == "REJECT" and msg.header.get("retry") is True:
                 # Our fragment is still held by a predecessor the coordinator has not yet declared
                 # dead: ask again after a heartbeat.

@@ -185,7 +185,9 @@ class Core:
             )
         state = self.fragments[index]
         if state.status == COMMITTED:
-            return self._reject(ev.peer, "HELLO.fragment", index, "a fragment not yet committed (it is committed)")
+            # A restarted agent (a pod rescheduled, a job re-run) finds its work done: that is
+            # success, not a refusal a launcher would read as a permanent failure.
+            return [Send(ev.peer, "COMMITTED", {"fragment": index})]
         if state.status in (LIVE, VERIFYING) and state.peer is not None:
             # Retryable: a respawned agent can arrive before its dead predecessor is noticed.
             return self._reject(

@@ -273,7 +273,11 @@ def tell(files: dict[str, list[Line]], plan: Plan, replay: Replay) -> None:
                 f"pieces to send"
             )
         elif ev == E.AGENT_COMMITTED:
-            text = f"{who} streamed {d['sent_bytes'] / 1e6:.1f} MB in {d['seconds']:.3f}s and was told: committed"
+            text = (
+                f"{who} found its fragment committed already"
+                if d.get("already")
+                else f"{who} streamed {d['sent_bytes'] / 1e6:.1f} MB in {d['seconds']:.3f}s and was told: committed"
+            )
         elif ev == E.AGENT_DEAD:
             text = f"coordinator declared the agent of fragment {d.get('fragment')} dead: {d.get('reason')}"
         elif ev == E.FAULT_KILLED and d.get("target") == "agent":

@@ -122,16 +122,21 @@ def test_welcome_grants_credit_and_wants_everything(plans: dict[int, Plan]) -> N
     assert wanted == plan.fragments[1].num_pieces
 
 
-def test_rival_agent_for_a_live_or_committed_fragment_is_rejected(plans: dict[int, Plan]) -> None:
+def test_rival_agent_for_a_live_fragment_is_rejected(plans: dict[int, Plan]) -> None:
     plan = plans[3]
     core = Core(plan)
     core.handle(hello(plan, 1, "first"))
     [reject] = core.handle(hello(plan, 1, "rival"))
     assert reject.kind == "REJECT" and "holds it" in reject.header["expected"]
+
+
+def test_agent_for_a_committed_fragment_is_told_it_is_committed_without_a_strike(plans: dict[int, Plan]) -> None:
+    plan = plans[3]
     core = Core(plan)
     stream_all(core, plan, 1, "first")
-    [reject] = core.handle(hello(plan, 1, "late"))
-    assert reject.kind == "REJECT" and "committed" in reject.header["expected"]
+    [told] = core.handle(hello(plan, 1, "restarted"))
+    assert (told.kind, told.header) == ("COMMITTED", {"fragment": 1})
+    assert core.peers["restarted"].strikes == 0 and core.fragments[1].status == COMMITTED
 
 
 def test_corrupt_chunk_is_not_written_and_is_asked_for_again(plans: dict[int, Plan]) -> None:

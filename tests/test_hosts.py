@@ -171,6 +171,28 @@ def test_agents_started_before_their_coordinator_find_it_and_the_run_ends_bit_ex
     assert _status(tmp_path) == "complete"
 
 
+def test_an_agent_restarted_after_its_fragment_committed_exits_0_and_the_run_goes_on(
+    tiny_model: Path, tmp_path: Path, agent_host: Path
+) -> None:
+    endpoint = f"tcp://127.0.0.1:{_free_port()}"
+    run_dir = tmp_path / "run"
+    b0, b1 = _copy_bundles(plan(tiny_model, run_dir, endpoint), agent_host)
+    source = str(agent_host / "models" / "tiny")
+    served = start("serve", str(run_dir))
+    try:
+        first = fragsim("agent", "--bundle", str(b0), "--source", source, "--connect", endpoint)
+        again = fragsim("agent", "--bundle", str(b0), "--source", source, "--connect", endpoint)
+        last = fragsim("agent", "--bundle", str(b1), "--source", source, "--connect", endpoint)
+        out = served.communicate(timeout=RUN_TIMEOUT_S)[0]
+    finally:
+        served.kill()
+    assert first.returncode == 0, first.stdout + first.stderr
+    # a restarted pod or job finds its work done: success, not a permanent failure (4)
+    assert again.returncode == 0 and "already committed" in again.stdout + again.stderr, again.stderr
+    assert last.returncode == 0 and served.returncode == 0, out
+    assert _results(run_dir)["final_matches_baseline"] is True
+
+
 def _status(runs_dir: Path) -> str:
     """The one run's status as `fragsim runs --json` shows it."""
     listed = fragsim("runs", "--runs-dir", str(runs_dir), "--json")

@@ -711,7 +711,7 @@ def build_parser() -> argparse.ArgumentParser:
     from protocol.exit_codes import is_permanent_agent_exit
 
     agent_exits = {
-        AgentExit.COMMITTED: "the fragment was committed",
+        AgentExit.COMMITTED: "the fragment was committed (by this agent, or before it started)",
         AgentExit.BAD_SETUP: "bad bundle, fragment, launcher variable or source; nothing was sent",
         AgentExit.NO_WELCOME: "no coordinator answered within --retry-for",
         AgentExit.REJECTED: "refused by the coordinator for good",
@@ -937,14 +937,14 @@ def _run(args: argparse.Namespace) -> int:
 
         if args.bandwidth is not None and not args.bandwidth > 0:  # 0 read as "unlimited" would hide a typo
             raise PlanError("--bandwidth", args.bandwidth, "an uplink in MB/s > 0 (leave it out for unlimited)")
+        uplink = None if args.bandwidth is None else args.bandwidth * 1e6
         if args.bundle:
             from agents.launcher_env import stop_on_sigterm
 
             with stop_on_sigterm() as stop:  # SIGTERM: drain, BYE, exit 143
                 return main_bundle_agent(args.bundle, args.source, args.connect, fragment=args.fragment,
                                          retry_for_s=args.retry_for, log_dir=args.log_dir, environ=os.environ,
-                                         stop=stop, ready_file=args.ready_file,
-                                         uplink_bytes_s=args.bandwidth * 1e6 if args.bandwidth is not None else None)  # fmt: skip
+                                         stop=stop, ready_file=args.ready_file, uplink_bytes_s=uplink)  # fmt: skip
         if args.fragment is None:
             raise PlanError("--fragment", None, "the fragment index (required with --run-dir)")
         return main_agent(args.run_dir, args.fragment, args.connect)
