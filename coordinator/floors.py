@@ -5,13 +5,15 @@ under lm-eval's protocol (coordinator.corpus); these are the same three on the s
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
 
 from coordinator.corpus.documents import Corpus
-from coordinator.corpus.scoring import lm_head_of, tokenize_corpus, unigram_logprobs
-from coordinator.evaluate import residual_stream
+from coordinator.corpus.scoring import tokenize_corpus, unigram_logprobs
+from coordinator.evaluate import sequence_logits
 from coordinator.quality import full_reference, text_quality
 
 FLOORS = ("uniform", "unigram", "embeddings")  # what a model that knows less than any checkpoint scores
@@ -23,7 +25,8 @@ def text_floors(
 ) -> dict[str, dict[str, Any]]:
     """`text_quality` of each floor over `ids` against the full model's logits: the uniform
     guess, the unigram fitted on `fit`'s fit set (left out without one) and the embeddings-only
-    lens (k = 0: the final norm and lm_head applied to what enters decoder layer 0)."""
+    lens (k = 0: the model run with no decoder layer, as a zero-layer checkpoint would be: the
+    final norm and the head, softcapping included, applied to the embeddings)."""
     ref = full_reference(full_logits, ids)
     positions, vocab = full_logits.shape
     floors: dict[str, dict[str, Any]] = {}
@@ -36,7 +39,18 @@ def text_floors(
         identity = fit.identity()
         unigram["fit"] = {k: identity[k] for k in ("name", "source", "fit_documents", "fit_sha256")}
         floors["unigram"] = unigram
-    base = getattr(model, model.base_model_prefix)
-    embedded = residual_stream(model, ids)[0][0]
-    floors["embeddings"] = text_quality(lm_head_of(model)(base.norm(embedded)).float(), ids, ref)
+    with without_layers(model):
+        floors["embeddings"] = text_quality(sequence_logits(model, ids), ids, ref)
     return floors
+
+
+@contextmanager
+def without_layers(model: Any) -> Iterator[None]:
+    """The model with its decoder layers taken out while the block runs, and put back after."""
+    base = getattr(model, model.base_model_prefix)
+    layers, count = base.layers, model.config.num_hidden_layers
+    base.layers, model.config.num_hidden_layers = torch.nn.ModuleList(), 0
+    try:
+        yield
+    finally:
+        base.layers, model.config.num_hidden_layers = layers, count

@@ -75,11 +75,11 @@ def edit_config(model: Path, **changes: Any) -> None:
     (model / "config.json").write_text(json.dumps(config))
 
 
-def refused(model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> str:
+def refused(model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], *extra: str) -> str:
     """Run `fragsim simulate` on `model`: it must exit 2 with one stderr line and create nothing."""
     run, art = tmp_path / "run", tmp_path / "art"
     capsys.readouterr()  # drop what writing the checkpoint printed (progress bars)
-    code = cli.main(["simulate", "--model", str(model), "--run-dir", str(run), "--artifacts", str(art)])
+    code = cli.main(["simulate", "--model", str(model), "--run-dir", str(run), "--artifacts", str(art), *extra])
     err = capsys.readouterr().err
     assert code == 2, err
     assert len(err.splitlines()) == 1, err
@@ -114,6 +114,16 @@ def test_supported_architecture_runs_end_to_end_bit_exact(
     result = simulate(checkpoint(case), tmp_path / "run", fragments=2, order="forward")
     check_exact(result)
     assert [c["loaded"]["kind"] for c in result.results["checkpoints"]] == ["from_pretrained", "grow"]
+    # the floors run the model itself with no layer: its own final norm, head and softcapping
+    floors = result.results["baseline"]["quality_floors"]
+    assert all(floors[name]["ce"] is not None for name in ("uniform", "unigram", "embeddings"))
+
+
+def test_eval_corpus_on_a_softcapped_model_is_refused_before_anything_exists(
+    checkpoint: Callable[[str], Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    err = refused(checkpoint("gemma2"), tmp_path, capsys, "--eval-corpus", "lee", "--eval-documents", "2")
+    assert "--eval-corpus" in err and "final_logit_softcapping=30.0" in err and "lm_head(h) alone" in err
 
 
 @pytest.mark.parametrize("case", REFUSED_CASES)

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from coordinator.corpus.documents import Corpus
+from coordinator.corpus.head_rule import logits_transform
 
 MAX_WINDOW = 2048  # lm-eval's default max_length when a model names none
 CHUNK = 64  # positions scored at a time: float64 [CHUNK, vocab] stays ~25 MB for a 49k vocabulary
@@ -143,9 +144,9 @@ def lm_head_of(model: Any) -> torch.nn.Linear:
     head = model.get_output_embeddings()
     if not isinstance(head, torch.nn.Linear) or head.bias is not None:
         raise ValueError(f"lm_head {type(head).__name__}: expected a bias-free nn.Linear (logits = W h)")
-    for key in ("final_logit_softcapping", "logit_scale", "logits_scaling"):
-        if getattr(model.config, key, None) not in (None, 1, 1.0):
-            raise ValueError(f"config {key}={getattr(model.config, key)}: expected logits that are lm_head(h) alone")
+    transform = logits_transform(model.config)
+    if transform is not None:
+        raise ValueError(f"config {transform}: expected logits that are lm_head(h) alone")
     return head
 
 

@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from agents.source import SourceCheckpoint
+from coordinator.corpus.head_rule import logits_transform
 from coordinator.launch.agents import launch_order
 from coordinator.launch.architectures import check_supported
 from coordinator.launch.driver import CoordinatorGone, Driver, run_faults
@@ -60,6 +61,14 @@ def plan_run(opts: SimulateOptions, source_dir: Path, model_name: str) -> Prepar
     source = SourceCheckpoint(source_dir)
     check_supported(source)  # an architecture it cannot handle is refused before anything exists
     try:
+        transform = logits_transform(source.config) if opts.eval_corpus else None
+        if transform is not None:
+            raise PlanError(
+                "--eval-corpus",
+                opts.eval_corpus,
+                f"a model whose logits are lm_head(h) alone: the corpus's exact KL relies on it (this config has "
+                f"{transform}); the eval text's metrics work without it",
+            )
         num_layers = int(source.config.get("num_hidden_layers", 0))
         ranges = parse_ranges(opts.ranges, num_layers) if opts.ranges else split_layers(num_layers, opts.fragments)
         order = launch_order(opts.order, len(ranges), opts.seed)
