@@ -136,6 +136,27 @@ def test_coordinator_killed_mid_transfer_resumes_in_the_same_run(tiny_model: Pat
     assert result.results["launcher"]["resumes"] == 1
 
 
+def test_a_resumed_coordinator_does_not_kill_an_agent_a_second_time(tiny_model: Path, tmp_path: Path) -> None:
+    # Fragment 2 is killed at 30 % of its bytes, then the coordinator at 80 % of all of them, while
+    # fragment 2's second agent streams: the restored coordinator has 2 past 30 % at once.
+    result = simulate(
+        tiny_model,
+        tmp_path / "run",
+        fragments=3,
+        order="forward",
+        kill=["2@0.3"],
+        kill_coordinator="0.8",
+        resume=True,
+        respawn=True,
+        piece_size=4096,
+    )
+    assert_exact(result)
+    launcher = result.results["launcher"]
+    assert launcher["resumes"] == 1
+    assert [k["fragment"] for k in launcher["kills"] if k.get("target") == "agent"] == [2]
+    assert launcher["faults"]["kills"] == [[2, 0.3]]  # what was planned, executed or not
+
+
 def _hello(plan, index: int) -> list:
     f = plan.fragments[index]
     return encode(

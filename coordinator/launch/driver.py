@@ -147,6 +147,7 @@ class Driver:
             "kills": [[f, x] for f, x in faults["kills"] if x != START],
             "kill_coordinator": faults["kill_coordinator"],
         }
+        self.planned_kills = [list(k) for k in self.coordinator_faults["kills"]]  # for the record
         self.view: LiveView | None = None
         self.coordinator: CoordinatorProcess | None = None
         self.launcher: AgentLauncher | None = None
@@ -321,6 +322,11 @@ class Driver:
             if kind == link.KILL_POINT and ev["target"] == "agent":
                 self.kill_agent(ev["fragment"], ev["fraction"])
                 self.coordinator.control(link.KILLED)
+                # Done: a coordinator restarted later must not find this point again in its restored
+                # progress and kill the fragment's next agent too.
+                point = [ev["fragment"], ev["fraction"]]
+                if point in self.coordinator_faults["kills"]:
+                    self.coordinator_faults["kills"].remove(point)
             elif kind == link.KILL_POINT and ev["target"] == "coordinator":
                 if not self.kill_coordinator(ev):
                     return "coordinator killed"
@@ -463,7 +469,5 @@ class Driver:
             "peak_rss_mb": {k: round(v / 1e6, 1) for k, v in sorted(self.peak_rss.items())},
             "peak_unshared_mb": {k: round(v / 1e6, 1) for k, v in sorted(self.peak_unshared.items())},
             "agent_memory_limit_mb": round(self.launcher.memory_limit / 1e6),
-            "faults": {
-                "kills": [list(k) for k in self.coordinator_faults["kills"]] + [[f, START] for f in self.start_kills]
-            },
+            "faults": {"kills": self.planned_kills + [[f, START] for f in self.start_kills]},
         }
