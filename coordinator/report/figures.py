@@ -21,6 +21,7 @@ from matplotlib.ticker import FuncFormatter, NullFormatter
 
 from coordinator.massive import MASSIVE_RATIO
 from coordinator.report import timeline as T
+from coordinator.results import FLOOR_NAMES
 
 # Okabe-Ito: distinguishable with the common colour-vision deficiencies and in greyscale print.
 BLUE, ORANGE, GREEN, VERMILLION, PURPLE, SKY, YELLOW, GREY = (
@@ -66,12 +67,17 @@ def to_svg(fig: Figure) -> str:
     return text[start:] if start >= 0 else text
 
 
+def plain_ticks() -> FuncFormatter:
+    """Tick labels 0.1, 1, 10, 1e+04: a new formatter per axis (matplotlib binds one to its axis)."""
+    return FuncFormatter(lambda v, _: f"{v:.3g}")
+
+
 def log_axis(ax: Any, axis: str = "y") -> None:
     """A log axis labelled 0.1, 1, 10, 1e+04 ...: mathtext tick labels (10^n) are slow to lay
     out, and minor labels crowd a short axis."""
     target = ax.yaxis if axis == "y" else ax.xaxis
     (ax.set_yscale if axis == "y" else ax.set_xscale)("log")
-    plain = FuncFormatter(lambda v, _: f"{v:.3g}")
+    plain = plain_ticks()
     target.set_major_formatter(plain)
     low, high = ax.get_ylim() if axis == "y" else ax.get_xlim()
     # within about a decade there may be no major tick at all: then the minor ones carry labels
@@ -86,7 +92,7 @@ def symlog_axis(ax: Any) -> None:
     that equals the full model, labelled as log_axis labels."""
     ax.set_yscale("symlog", linthresh=KL_LINEAR_BELOW)
     ax.set_ylim(bottom=0)
-    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.3g}"))
+    ax.yaxis.set_major_formatter(plain_ticks())
 
 
 def styled() -> Any:
@@ -97,11 +103,17 @@ def styled() -> Any:
 # ---- quality against active layers ---------------------------------------------------------
 
 
-FLOOR_STYLE = {  # floor -> (label, colour, line style)
-    "uniform": ("uniform guess", GREY, ":"),
-    "unigram": ("unigram (fit set)", ORANGE, "-."),
-    "embeddings": ("embeddings only (k = 0)", PURPLE, (0, (5, 2, 1, 2))),
+FLOOR_STYLE = {  # floor -> (colour, line style); its name is results.FLOOR_NAMES
+    "uniform": (GREY, ":"),
+    "unigram": (ORANGE, "-."),
+    "embeddings": (PURPLE, (0, (5, 2, 1, 2))),
 }
+
+
+def floor_style(name: str) -> tuple[str, str, Any]:
+    """(label, colour, line style) of a floor's line."""
+    colour, style = FLOOR_STYLE.get(name, (GREY, ":"))
+    return FLOOR_NAMES.get(name, name), colour, style
 
 
 def floor_lines(ax: Any, floors: dict[str, dict[str, Any]], key: str, *, labelled: bool, linear: bool = False) -> None:
@@ -114,7 +126,7 @@ def floor_lines(ax: Any, floors: dict[str, dict[str, Any]], key: str, *, labelle
         value = q.get(key)
         if value is None:
             continue
-        label, colour, style = FLOOR_STYLE.get(name, (name, GREY, ":"))
+        label, colour, style = floor_style(name)
         text = f"{label} {value:.3f}" if labelled else None
         if linear and value > 2 * top:
             ax.plot([], [], color=colour, ls=style, lw=1.1, label=text and f"{text} (above the axis)")
@@ -681,7 +693,7 @@ def corpus_quality(
                 label="KL p99",
             )
         for name, summary in floors.items():
-            label, colour, style = FLOOR_STYLE.get(name, (name, GREY, ":"))
+            label, colour, style = floor_style(name)
             bpb.axhline(
                 summary["bits_per_byte"],
                 color=colour,
